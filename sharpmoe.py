@@ -1,0 +1,546 @@
+"""
+SharpMoE: saliency-harnessing routing for diffusion Mixture-of-Experts, in one file.
+
+Paper: "Focusing on What Matters: Saliency-Harnessing Accurate Routing for Diffusion MoE",
+Deng et al., arXiv 2606.26938 (ECCV 2026). No official code exists; this is a reference.
+
+What is here, top to bottom:
+  - a DiT (Peebles & Xie) that predicts the rectified-flow velocity v, whose FFN is either a
+    dense MLP or an MoE layer with one of three routers:
+        tc      token choice: each token takes its top-k experts (same compute per token)
+        ec      expert choice inside each image: each expert takes its top-C tokens
+        diffmoe expert choice over the batch's token pool, with DiffMoE's capacity predictor
+                and per-expert thresholds (dynamic capacity at inference)
+  - SharpMoE part 1, the dual router: logits S = R_pre(h_t) + R_sal(features of x0_hat)
+  - SharpMoE part 2, the recursive trajectory step (T steps of one trajectory, x0_hat chained)
+  - SharpMoE part 3, the trajectory routing loss KL(softmax(A) || softmax(M)) against the
+    Laplacian saliency M of the clean image.
+
+Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
+clean estimate x0_hat = x_t - t v.
+
+Choices that are ours, not the paper's (see ../shared/METHOD.md):
+  - R_sal's input is the model's own patch embedding (+ position embedding) of x0_hat, computed
+    once per forward and shared by all MoE layers; its hidden width is `sal_hidden`.
+  - Trajectory timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal bins below.
+  - Routing loss: A and M are standardized per image (zero mean, unit std) and divided by a
+    temperature `routing_temp` before the softmax; raw Laplacian magnitudes give an almost
+    uniform softmax.
+  - Experts use the exact GELU (DiT uses the tanh approximation, several times slower on CPU).
+  - DiffMoE's capacity predictor has hidden width = model width; thresholds start at 0.
+  - Gates are softmax probabilities over experts and are not renormalized after selection.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTERS = ("dense", "tc", "ec", "diffmoe")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    image_size: int = 32          # input resolution (pixels, or latent size)
+    in_channels: int = 3
+    patch_size: int = 2
+    depth: int = 12
+    width: int = 384              # hidden size D
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000       # label num_classes is the CFG null class
+    class_dropout: float = 0.1    # label dropout for classifier-free guidance
+    router: str = "ec"            # one of ROUTERS
+    num_experts: int = 0          # 0: the paper's choice, 16 for diffmoe and 8 for tc / ec
+    top_k: int = 1                # experts per token on average (paper: about 1)
+    moe_every: int = 2            # an MoE layer in every moe_every-th block (paper: every other)
+    threshold_decay: float = 0.95  # DiffMoE: EMA of the per-expert thresholds
+    sharpmoe: bool = False        # the model has the saliency routers R_sal
+    sal_hidden: int = 64          # R_sal hidden width (our choice)
+    routing_temp: float = 1.0     # temperature of the routing loss softmaxes (our choice)
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not divisible by patch size "
+                             f"{self.patch_size}; pick an image size that is a multiple of it")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.num_experts == 0:
+            self.num_experts = {"dense": 1, "diffmoe": 16}.get(self.router, 8)
+        if self.sharpmoe and self.router == "dense":
+            raise ValueError("SharpMoE needs a router; the dense model has none")
+
+    @property
+    def num_tokens(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+# Model sizes. S/B/L/XL are DiT's (patch 2, as on 32x32x4 SD-VAE latents); the MoE layout is the
+# paper's: full-width experts, MoE in every other block, top_k = 1. The CPU presets are ours.
+PRESETS = {
+    "S": dict(depth=12, width=384, heads=6, patch_size=2),
+    "B": dict(depth=12, width=768, heads=12, patch_size=2),
+    "L": dict(depth=24, width=1024, heads=16, patch_size=2),
+    "XL": dict(depth=28, width=1152, heads=16, patch_size=2),
+    "cpu": dict(depth=6, width=96, heads=4, patch_size=4),    # 32x32 pixels -> 64 tokens
+    "tiny": dict(depth=2, width=32, heads=2, patch_size=4),   # unit tests
+}
+
+
+def make_config(preset, **overrides):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return Config(**{**PRESETS[preset], **overrides})
+
+
+def config_diff(a, b):
+    """Fields in which two configs differ, as 'name: a != b' strings."""
+    return [f"{f.name}: {getattr(a, f.name)!r} != {getattr(b, f.name)!r}"
+            for f in fields(Config) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers and embedders
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)   # (B, N, D) by (B, D)
+
+
+def sincos_1d(pos, dim):
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.double()[:, None] * omega[None]                   # (N, dim/2)
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2D sin-cos position embedding, (grid*grid, dim), as in DiT / MAE."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)], 1).float()
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of t in [0, 1], scaled by 1000 to match DiT's integer timesteps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000 * t.float()[:, None] * freqs[None]              # (B, half)
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+def drop_labels(y, p, num_classes):
+    """Classifier-free guidance training: replace labels by the null class with probability p.
+    FOOTGUN: the null class is the extra index num_classes, not 0 (0 is a real class)."""
+    drop = torch.rand(y.shape, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)          # (B, C, H, W) -> (B, N, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and the dense MLP
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)             # (B, heads, N, D / heads)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Routers and experts
+#
+# Every router turns gates (M, E) over the M = B * N tokens of the batch into a selection mask
+# (M, E). Fixed capacity (ec; diffmoe in training) also gives `slots` (E, C): the token indices
+# each expert processes, so that all experts run as one batched matmul. Variable counts (tc;
+# diffmoe at inference) run a loop over experts, never over tokens.
+
+def expert_choice_in_image(gates, B, capacity):
+    """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
+    M, E = gates.shape
+    N = M // B
+    idx = gates.view(B, N, E).topk(capacity, dim=1).indices     # (B, C, E) token of image b
+    idx = idx + N * torch.arange(B, device=gates.device).view(B, 1, 1)
+    return idx.permute(2, 0, 1).reshape(E, B * capacity)        # (E, B*C) flat token indices
+
+
+def expert_choice_in_pool(gates, capacity):
+    """DiffMoE training: each expert takes its top-`capacity` tokens of the whole batch."""
+    return gates.t().topk(capacity, dim=1).indices              # (E, C)
+
+
+def token_choice(gates, k):
+    """TC-DiT: each token takes its top-k experts."""
+    top = gates.topk(k, dim=1).indices                          # (M, k)
+    return torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top, True)
+
+
+def threshold_choice(gates, scores, thresholds):
+    """DiffMoE inference: expert e takes as many tokens as have a capacity-predictor score above
+    its threshold, and picks which ones by router gate. scores: (M, E) sigmoid probabilities."""
+    n = (scores > thresholds).sum(0)                            # (E,) tokens per expert
+    order = gates.t().argsort(dim=1, descending=True)           # (E, M) tokens by gate
+    rank = torch.arange(gates.shape[0], device=gates.device)
+    keep = rank[None] < n[:, None]                              # (E, M) first n[e] in order
+    mask = torch.zeros_like(keep).scatter_(1, order, keep)      # (E, M)
+    return mask.t()                                             # (M, E)
+
+
+def slots_to_mask(slots, M):
+    mask = torch.zeros(slots.shape[0], M, dtype=torch.bool, device=slots.device)
+    return mask.scatter_(1, slots, True).t()                    # (E, C) -> (M, E)
+
+
+class Experts(nn.Module):
+    """E full-width MLPs, stacked so that fixed-capacity dispatch is one batched matmul."""
+
+    def __init__(self, E, dim, hidden):
+        super().__init__()
+        bound = math.sqrt(6 / (dim + hidden))                   # xavier-uniform, as DiT's Linears
+        self.w1 = nn.Parameter(torch.empty(E, dim, hidden).uniform_(-bound, bound))
+        self.b1 = nn.Parameter(torch.zeros(E, hidden))
+        self.w2 = nn.Parameter(torch.empty(E, hidden, dim).uniform_(-bound, bound))
+        self.b2 = nn.Parameter(torch.zeros(E, dim))
+
+    def forward(self, x):                                       # (E, C, D) -> (E, C, D)
+        h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
+        return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
+
+    def one(self, e, x):                                        # expert e on (n, D) -> (n, D)
+        return torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], x, self.w1[e])), self.w2[e])
+
+
+class SaliencyRouter(nn.Module):
+    """R_sal (paper Sec. 3): a two-layer SiLU MLP on clean-image token features.
+    FOOTGUN: only the OUTPUT layer starts at zero. With both at zero, SiLU(0) = 0 and no gradient
+    ever reaches either layer; with the output at zero the model starts exactly as pretrained."""
+
+    def __init__(self, dim, hidden, E):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, E)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, clean):
+        return self.fc2(F.silu(self.fc1(clean)))                # (B, N, D) -> (B, N, E)
+
+
+class MoE(nn.Module):
+    """An MoE FFN. After each forward, `self.last` holds what it did: the selection `mask`
+    (B, N, E), the `gates` (B, N, E, softmax over experts) and the per-token expert `count`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, E = cfg.width, cfg.num_experts
+        self.kind, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
+        self.router = nn.Linear(D, E, bias=False)               # R_pre
+        self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None
+        self.experts = Experts(E, D, int(D * cfg.mlp_ratio))
+        if self.kind == "diffmoe":                              # DiffMoE's capacity predictor
+            self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
+            self.register_buffer("thresholds", torch.zeros(E))
+        self.last = {}
+
+    def forward(self, x, clean=None):
+        B, N, D = x.shape
+        logits = self.router(x)                                 # (B, N, E)
+        if self.sal_router is not None and clean is not None:
+            logits = logits + self.sal_router(clean)            # S = R_pre(h_t) + R_sal(x0_hat)
+        gates = logits.softmax(-1).view(B * N, self.E)          # (M, E)
+        flat = x.reshape(B * N, D)
+        slots, aux = None, x.new_zeros(())
+        if self.kind == "ec":
+            slots = expert_choice_in_image(gates, B, N * self.k // self.E)
+        elif self.kind == "tc":
+            mask = token_choice(gates, self.k)
+        elif self.training:                                     # diffmoe, fixed capacity
+            slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
+            aux = self.train_capacity_predictor(flat, slots_to_mask(slots, B * N))
+        else:                                                   # diffmoe, dynamic capacity
+            scores = self.capacity_predictor(flat).sigmoid()
+            mask = threshold_choice(gates, scores, self.thresholds)
+        if slots is not None:
+            mask = slots_to_mask(slots, B * N)
+            out = self.dispatch_fixed(flat, gates, slots)
+        else:
+            out = self.dispatch_ragged(flat, gates, mask)
+        self.last = dict(mask=mask.view(B, N, self.E), gates=gates.view(B, N, self.E),
+                         count=mask.view(B, N, self.E).sum(-1))
+        return out.view(B, N, D), aux
+
+    def dispatch_fixed(self, flat, gates, slots):
+        y = self.experts(flat[slots])                           # (E, C, D) gathered, batched matmul
+        w = gates.t().gather(1, slots)                          # (E, C) gate of each slot
+        out = torch.zeros_like(flat)
+        return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).flatten(0, 1))
+
+    def dispatch_ragged(self, flat, gates, mask):
+        out = torch.zeros_like(flat)
+        for e in range(self.E):     # also on empty experts, so DDP sees every parameter used
+            tok = mask[:, e].nonzero().squeeze(1)               # (n_e,)
+            out.index_add_(0, tok, self.experts.one(e, flat[tok]) * gates[tok, e, None])
+        return out
+
+    def train_capacity_predictor(self, flat, mask):
+        """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
+        track, by EMA, the C-th highest predictor score of each expert, averaged across ranks."""
+        logits = self.capacity_predictor(flat.detach())         # (M, E)
+        with torch.no_grad():
+            C = int(mask[:, 0].sum())
+            kth = logits.sigmoid().t().topk(C, dim=1).values[:, -1]   # (E,)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(kth)
+                kth /= dist.get_world_size()
+            self.thresholds.lerp_(kth.float(), 1 - self.decay)
+        return F.binary_cross_entropy_with_logits(logits, mask.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# The DiT block, the final layer and the model
+
+class Block(nn.Module):
+    """adaLN-Zero DiT block; the FFN is a dense MLP or an MoE layer."""
+
+    def __init__(self, cfg, moe):
+        super().__init__()
+        D = cfg.width
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.heads)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ffn = MoE(cfg) if moe else MLP(D, int(D * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c, clean=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        h = modulate(self.norm2(x), shift2, scale2)
+        h, aux = self.ffn(h, clean) if isinstance(self.ffn, MoE) else (self.ffn(h), 0.0)
+        return x + gate2.unsqueeze(1) * h, aux
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, cfg.patch_size ** 2 * cfg.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, D)   # + 1: the CFG null class
+        grid = cfg.image_size // cfg.patch_size
+        self.register_buffer("pos_embed", sincos_pos_embed(D, grid)[None], persistent=False)
+        moe = lambda i: cfg.router != "dense" and i % cfg.moe_every == cfg.moe_every - 1
+        self.blocks = nn.ModuleList(Block(cfg, moe(i)) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier Linears, N(0, 0.02) embeddings, adaLN-Zero (all modulations and
+        the output layer at zero, so every block starts as the identity)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for m in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        for layer in self.moe_layers():
+            if layer.sal_router is not None:
+                nn.init.zeros_(layer.sal_router.fc2.weight)     # re-zero after the xavier loop
+                nn.init.zeros_(layer.sal_router.fc2.bias)
+
+    def moe_layers(self):
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def unpatchify(self, x):
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        B, N, _ = x.shape
+        g = int(N ** 0.5)
+        x = x.view(B, g, g, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
+
+    def forward(self, x, t, y, x0_hat=None):
+        """x: (B, C, H, W) noisy input, t: (B,), y: (B,) labels; x0_hat: the clean estimate for
+        R_sal (ignored by a model without R_sal). Returns v (B, C, H, W) and the summed
+        auxiliary loss (DiffMoE's capacity-predictor BCE; 0 otherwise)."""
+        h = self.x_embedder(x) + self.pos_embed                 # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y)             # (B, D)
+        clean = None
+        if self.cfg.sharpmoe and x0_hat is not None:            # shared by all MoE layers
+            clean = self.x_embedder(x0_hat) + self.pos_embed    # (B, N, D)
+        aux = 0.0
+        for block in self.blocks:
+            h, a = block(h, c, clean)
+            aux = aux + a
+        return self.unpatchify(self.final_layer(h, c)), aux
+
+    def expert_count(self):
+        """(B, N): experts each token received in the last forward, summed over MoE layers."""
+        return sum(layer.last["count"] for layer in self.moe_layers())
+
+    def routed_mass(self):
+        """(B, N): selection-masked gate mass of the last forward, summed over layers and experts
+        (differentiable through the gates)."""
+        return sum((layer.last["mask"] * layer.last["gates"]).sum(-1) for layer in self.moe_layers())
+
+
+def add_saliency_routers(model):
+    """Post-training entry point: give every MoE layer a zero-initialized R_sal. The returned
+    model computes exactly what `model` computed until R_sal has been trained."""
+    if model.cfg.router == "dense":
+        raise ValueError("SharpMoE needs a router; the dense model has none")
+    model.cfg.sharpmoe = True
+    p = next(model.parameters())
+    for layer in model.moe_layers():
+        layer.sal_router = SaliencyRouter(model.cfg.width, model.cfg.sal_hidden, layer.E).to(p)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: rectified flow, the SharpMoE trajectory, saliency and the routing loss
+
+def sample_t(n, device, logit_normal=False):
+    """Training timesteps: uniform in [0, 1], or logit-normal (SD3) concentrating mid-range."""
+    return torch.randn(n, device=device).sigmoid() if logit_normal else torch.rand(n, device=device)
+
+
+def interpolate(x0, eps, t):
+    t = t.view(-1, 1, 1, 1)
+    return (1 - t) * x0 + t * eps                               # x_t, t = 1 is noise
+
+
+def flow_loss(model, cfg, x0, y, logit_normal=False):
+    """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2."""
+    t = sample_t(x0.shape[0], x0.device, logit_normal)
+    eps = torch.randn_like(x0)
+    v, aux = model(interpolate(x0, eps, t), t, drop_labels(y, cfg.class_dropout, cfg.num_classes))
+    return F.mse_loss(v.float(), eps - x0), aux
+
+
+def trajectory_timesteps(T, n, device):
+    """(T, n) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
+    bins of [0, 0.999) from the top (our choice; the paper gives only t_1)."""
+    t1 = 0.999
+    width = t1 / max(T - 1, 1)
+    top = t1 - width * torch.arange(T - 1, device=device)       # upper edge of each bin
+    rest = top[:, None] - width * torch.rand(T - 1, n, device=device)
+    return torch.cat([torch.full((1, n), t1, device=device), rest], 0)
+
+
+def laplacian_saliency(x0, patch_size):
+    """M (paper Sec. 3.3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
+    Replicate padding, so a flat image has zero saliency everywhere, borders included."""
+    B, C, H, W = x0.shape
+    k = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=x0.device, dtype=x0.dtype)
+    x = F.pad(x0.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate")
+    lap = F.conv2d(x, k.view(1, 1, 3, 3)).abs().view(B, C, H, W).mean(1, keepdim=True)
+    return F.avg_pool2d(lap, patch_size).flatten(1)             # (B, N)
+
+
+def standardize(a):
+    return (a - a.mean(-1, keepdim=True)) / (a.std(-1, keepdim=True) + 1e-6)
+
+
+def routing_loss(A, M, temp=1.0):
+    """KL(softmax(A) || softmax(M)) over the tokens of each image, averaged over images.
+    A, M: (B, N); both standardized per image first (our choice, see the docstring)."""
+    log_p = F.log_softmax(standardize(A) / temp, dim=-1)
+    log_q = F.log_softmax(standardize(M) / temp, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
+    """SharpMoE post-training (paper Sec. 3.2-3.3). One trajectory of T steps per image: every
+    x_t from the same x0 and eps; step k routes with x0_hat from step k-1 (detached), step 1
+    with x_{t_1}; `oracle` routes with the true x0 instead (an ablation bound). Returns
+    (L_fm + lam * L_routing, aux, stats); the routing loss is skipped for tc (equal counts)."""
+    raw = getattr(model, "module", model)                       # unwrap DDP for the MoE layers
+    ts = trajectory_timesteps(T, x0.shape[0], x0.device)
+    eps = torch.randn_like(x0)
+    y = drop_labels(y, cfg.class_dropout, cfg.num_classes)      # one label drop per trajectory
+    x0_hat, fm, aux, mass, counts = None, 0.0, 0.0, 0.0, []
+    for t in ts:
+        xt = interpolate(x0, eps, t)
+        x0_hat = x0 if oracle else (xt if x0_hat is None else x0_hat)
+        v, a = model(xt, t, y, x0_hat=x0_hat)
+        fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
+        mass = mass + raw.routed_mass()
+        counts.append(raw.expert_count().detach())
+        x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
+    saliency = laplacian_saliency(x0, cfg.patch_size)
+    L_routing = routing_loss(mass.float(), saliency, cfg.routing_temp) if cfg.router != "tc" else fm * 0
+    stats = dict(fm=fm.detach(), routing=L_routing.detach(), t=ts, counts=torch.stack(counts),
+                 saliency=saliency)
+    return fm + lam * L_routing, aux, stats
+
+
+def rank_correlation(a, b):
+    """Spearman correlation per row of (B, N) tensors (ties get their average rank), (B,).
+    A row with no spread (say, token choice's equal counts) has correlation 0."""
+    def ranks(x):
+        less = (x[:, :, None] > x[:, None, :]).sum(-1).float()   # (B, N)
+        equal = (x[:, :, None] == x[:, None, :]).sum(-1).float()
+        return less + (equal + 1) / 2
+    ra, rb = standardize(ranks(a.float())), standardize(ranks(b.float()))
+    corr = (ra * rb).sum(-1) / (a.shape[-1] - 1)
+    spread = (a.float().std(-1) > 0) & (b.float().std(-1) > 0)
+    return torch.where(spread, corr, torch.zeros_like(corr))
