@@ -1,0 +1,372 @@
+"""
+Pretrain a DiT-MoE, or post-train one with SharpMoE, on the CPU, one GPU, or under torchrun.
+
+    python train.py --preset cpu --router ec --out runs/ec              # pretraining
+    python train.py --init runs/ec/last.pt --out runs/ec-sharpmoe       # SharpMoE post-training
+    python train.py --init runs/ec/last.pt --sharpmoe off --out runs/ec-control   # its control
+    torchrun --nproc_per_node=8 train.py --preset L --router diffmoe --data /imagenet/train
+
+Defaults are the paper's recipe (AdamW lr 1e-4, batch 256, EMA 0.9999, T = 10, lambda = 0.001);
+README gives the small CPU settings. A killed run continues with the same command plus
+--resume OUT/last.pt.
+"""
+import argparse
+import itertools
+import os
+import sys
+import time
+from copy import deepcopy
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+import sharpmoe as sm
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+class Shapes(Dataset):
+    """The built-in data: one flat-colored shape on a flat background per image, 10 classes,
+    generated deterministically from the index. Sharp edges and flat regions, so that saliency
+    varies across tokens. Pixels in [-1, 1]."""
+    classes = ("disk", "square", "triangle", "ring", "h-stripes", "v-stripes", "checker",
+               "cross", "diamond", "two-disks")
+
+    def __init__(self, size=32, n=10_000, seed=0):
+        self.size, self.n, self.seed = size, n, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        y = i % len(self.classes)
+        r, cx, cy = rng.uniform(0.35, 0.65), *rng.uniform(-0.3, 0.3, 2)
+        u = (np.arange(self.size) + 0.5) / self.size * 2 - 1
+        dx, dy = u[None, :] - cx, u[:, None] - cy                  # (H, W) offsets from center
+        inside = self.shape(y, dx, dy, r, rng.uniform(0.25, 0.5))
+        bg = rng.uniform(0, 1, 3)
+        fg = (bg + rng.uniform(0.35, 0.65, 3)) % 1.0               # always a visible contrast
+        img = np.where(inside[..., None], fg, bg)                  # (H, W, 3)
+        return torch.from_numpy(img).permute(2, 0, 1).float() * 2 - 1, y
+
+    @staticmethod
+    def shape(y, dx, dy, r, f):
+        box = (abs(dx) < r) & (abs(dy) < r)
+        band = lambda a: np.floor((a + r) / (f * r)) % 2 == 0      # stripes of width f * r
+        return [dx ** 2 + dy ** 2 < r ** 2, box, (dy < r) & (abs(dx) < (dy + r) / 2),
+                (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (f * r) ** 2),
+                box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)),
+                ((abs(dx) < f * r) | (abs(dy) < f * r)) & box, abs(dx) + abs(dy) < r,
+                ((dx - r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2)][y]
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
+
+
+def center_crop(img, size):
+    """ADM / DiT preprocessing: halve with BOX while the short side is >= 2x the target, resize
+    the short side to `size` with BICUBIC, then crop the center."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(Dataset):
+    """An ImageNet-style folder: DIR/CLASS/IMAGE, classes in sorted order."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            raise UserError(f"data folder {root} does not exist; pass --data DIR with one "
+                            "subfolder per class, or leave --data out for the built-in shapes")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c)))
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise UserError(f"data folder {root} has no images in class subfolders; expected "
+                            f"{root}/CLASS/IMAGE.jpg")
+        self.size = size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path, y = self.files[i]
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+        arr = np.asarray(center_crop(img, self.size), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(arr).permute(2, 0, 1), y
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (for an exact --resume)."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def batches(loader, step, steps_per_epoch):
+    """Endless batches, starting at global step `step` of a deterministic epoch order."""
+    epoch, skip = divmod(step, steps_per_epoch)
+    while True:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = skip * loader.batch_size
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+def setup_distributed():
+    """torchrun sets RANK; without it this is one process on a GPU or the CPU."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):           # DiffMoE thresholds
+        e.copy_(b)
+
+
+def build_models(args, num_classes, device):
+    """(model, ema). Pretraining: a fresh model from --preset. Post-training: weights and EMA
+    from --init, plus zero-initialized R_sal when --sharpmoe on."""
+    if args.init is None:
+        cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts,
+                             image_size=args.image_size, num_classes=num_classes)
+        model = sm.DiT(cfg)
+        return model.to(device), deepcopy(model).to(device)
+    ckpt = load_checkpoint(args.init)
+    cfg = sm.Config(**ckpt["config"])
+    if (cfg.image_size, cfg.num_classes) != (args.image_size, num_classes):
+        raise UserError(f"--init {args.init} is for {cfg.image_size}px images and "
+                        f"{cfg.num_classes} classes, the data has {args.image_size}px and "
+                        f"{num_classes}; pass the matching --image-size and --data")
+    cfg.sal_hidden, cfg.routing_temp = args.sal_hidden, args.routing_temp
+    model = sm.DiT(cfg)
+    model.load_state_dict(ckpt["model"])
+    if args.sharpmoe == "on" and not cfg.sharpmoe:
+        sm.add_saliency_routers(model)
+    ema = deepcopy(model)                                      # R_sal starts equal in both
+    incompatible = ema.load_state_dict(ckpt["ema"], strict=False)
+    assert not incompatible.unexpected_keys and all("sal_router" in k for k in incompatible.missing_keys)
+    return model.to(device), ema.to(device)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE (default: the built-in shapes)")
+    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    p.add_argument("--builtin-size", type=int, default=10_000, help="number of built-in shape images")
+    p.add_argument("--preset", default="L", help=f"model size, one of {', '.join(sm.PRESETS)} (ignored with --init)")
+    p.add_argument("--router", default="ec", help=f"one of {', '.join(sm.ROUTERS)} (ignored with --init)")
+    p.add_argument("--num-experts", type=int, default=0, help="experts per MoE layer (0: 16 for diffmoe, 8 otherwise)")
+    p.add_argument("--init", default=None, help="post-train from this pretrained checkpoint (weights and EMA)")
+    p.add_argument("--sharpmoe", choices=("on", "off"), default="on",
+                   help="with --init: on adds R_sal and trains on trajectories; off is the control (plain continuation)")
+    p.add_argument("--trajectory-steps", type=int, default=10, help="T, denoising steps unrolled per post-training iteration")
+    p.add_argument("--routing-weight", type=float, default=0.001, help="lambda of the trajectory routing loss")
+    p.add_argument("--routing-temp", type=float, default=1.0, help="temperature of the routing loss (our choice)")
+    p.add_argument("--sal-hidden", type=int, default=64, help="hidden width of R_sal (our choice)")
+    p.add_argument("--oracle", action="store_true", help="route with the true clean x0 instead of x0_hat (ablation)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 500000, or 100000 with --init)")
+    p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all ranks")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--logit-normal", action="store_true", help="logit-normal timesteps instead of uniform")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/run", help="output folder (checkpoints, log.txt)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (same command otherwise)")
+    p.add_argument("--ckpt-every", type=int, default=5000, help="write OUT/last.pt every this many steps")
+    p.add_argument("--log-every", type=int, default=100, help="log every this many steps")
+    p.add_argument("--num-workers", type=int, default=4, help="data-loader workers per rank")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 100_000 if args.init else 500_000
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+def main(args):
+    # 1. setup
+    rank, world, device = setup_distributed()
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                        f"world size {world}; use a multiple of {world}")
+    local_batch = args.global_batch_size // world
+    post = args.init is not None and args.sharpmoe == "on"
+    resume_path = args.resume
+    if resume_path is None and os.path.exists(os.path.join(args.out, "last.pt")):
+        raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
+                        "continue it, or pick another --out")
+
+    # 2. data
+    data = ImageFolder(args.data, args.image_size) if args.data else Shapes(args.image_size, args.builtin_size, args.seed)
+    num_classes = len(data.classes)
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    steps_per_epoch = len(data) // args.global_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the data has {len(data)} images, fewer than --global-batch-size "
+                        f"{args.global_batch_size}; lower the batch or add data")
+
+    # 3. model, EMA, optimizer
+    torch.manual_seed(args.seed)                               # the same init on every rank
+    try:
+        model, ema = build_models(args, num_classes, device)
+    except ValueError as e:                                    # a bad preset / router / size
+        raise UserError(str(e))
+    ema.requires_grad_(False).eval()
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step = 0
+    if resume_path:
+        ckpt = load_checkpoint(resume_path)
+        diff = sm.config_diff(sm.Config(**ckpt["config"]), cfg)
+        if diff:
+            raise UserError(f"--resume {resume_path} is a checkpoint of another config ({'; '.join(diff)}); "
+                            "rerun the command that made it, or start a new --out")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    raw = model                                                # unwrapped: state_dict, EMA, stats
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    n_moe = len(raw.moe_layers())
+
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "log.txt"), "a") if rank == 0 else None
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    n_params = sum(p.numel() for p in raw.parameters())
+    log(f"{'post-training (SharpMoE)' if post else 'control continuation' if args.init else 'pretraining'}: "
+        f"{cfg.router} router, {n_params / 1e6:.2f}M parameters, {len(data)} images, {num_classes} classes, "
+        f"world {world}, device {device}, step {step} of {args.steps}")
+
+    # 4. training loop
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    sums, seen, t0 = torch.zeros(6, device=device), 0, time.time()   # fm, aux, routing, count, corr, n
+    data_iter = batches(loader, step, steps_per_epoch)
+    with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
+        while step < args.steps:
+            x0, y = next(data_iter)
+            torch.manual_seed((args.seed * 1_000_003 + step) * world + rank)   # exact resume
+            x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            flip = torch.rand(x0.shape[0], device=device) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)           # random h-flip
+            with autocast:
+                if post:
+                    loss, aux, stats = sm.trajectory_loss(model, cfg, x0, y, args.trajectory_steps,
+                                                          args.routing_weight, args.oracle)
+                    fm, routing, counts = stats["fm"], stats["routing"], stats["counts"]  # (T, B, N)
+                else:
+                    loss, aux = sm.flow_loss(model, cfg, x0, y, args.logit_normal)
+                    fm, routing = loss.detach(), torch.zeros((), device=device)
+                    counts = raw.expert_count()[None] if n_moe else None
+            opt.zero_grad(set_to_none=True)
+            (loss + aux).backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            update_ema(ema, raw, args.ema)
+            step += 1
+            seen += x0.shape[0]
+            if counts is not None:
+                saliency = sm.laplacian_saliency(x0.float(), cfg.patch_size)
+                corr = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
+                experts = counts.float().mean() / n_moe
+            else:
+                corr = experts = torch.zeros((), device=device)
+            sums += torch.stack([fm.float(), torch.as_tensor(aux, device=device).float().detach(),
+                                 routing.float(), experts, corr, torch.ones((), device=device)])
+            pbar.update(1)
+            if step % args.log_every == 0 or step == args.steps:
+                if world > 1:
+                    dist.all_reduce(sums)
+                fm_, aux_, rt_, ex_, corr_, n = (sums / sums[-1]).tolist()
+                rate = seen * world / (time.time() - t0)
+                msg = f"step {step:7d}  loss_fm {fm_:.4f}  aux {aux_:.4f}"
+                if post:
+                    msg += f"  loss_routing {rt_:.4f}"
+                if n_moe:
+                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) {corr_:+.3f}"
+                log(msg + f"  img/s {rate:.1f}")
+                pbar.set_postfix(loss=f"{fm_:.4f}")
+                sums.zero_()
+                seen, t0 = 0, time.time()
+            if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+                save_checkpoint(os.path.join(args.out, "last.pt"),
+                                dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                     step=step, config=asdict(cfg), args=vars(args)))
+    log(f"done: {args.out}/last.pt at step {step}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def last_line(e):
+    """A DataLoader worker re-raises our error with its traceback inside the message."""
+    return str(e).strip().splitlines()[-1].removeprefix("train.UserError: ").removeprefix("UserError: ")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        sys.exit(f"error: {last_line(e)}")
