@@ -191,7 +191,7 @@ class MLP(nn.Module):
 # Every router turns gates (M, E) over the M = B * N tokens of the batch into a selection mask
 # (M, E). Fixed capacity (ec; diffmoe in training) also gives `slots` (E, C): the token indices
 # each expert processes, so that all experts run as one batched matmul. Variable counts (tc;
-# diffmoe at inference) run a loop over experts, never over tokens.
+# diffmoe at inference) sort the tokens by expert and run one grouped matmul.
 
 def expert_choice_in_image(gates, B, capacity):
     """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
@@ -244,8 +244,20 @@ class Experts(nn.Module):
         h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
-    def one(self, e, x):                                        # expert e on (n, D) -> (n, D)
-        return torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], x, self.w1[e])), self.w2[e])
+    def ragged(self, x, counts):
+        """Variable counts: x (S, D) sorted by expert, counts (E,) -> (S, D). One grouped
+        matmul on the CPU; elsewhere a loop over experts (grouped_mm's GPU kernels want bf16
+        and aligned shapes)."""
+        if x.device.type != "cpu":
+            return self.ragged_loop(x, counts)
+        offs = counts.cumsum(0).int()
+        h = F.gelu(F.grouped_mm(x, self.w1, offs=offs) + self.b1.repeat_interleave(counts, 0))
+        return F.grouped_mm(h, self.w2, offs=offs) + self.b2.repeat_interleave(counts, 0)
+
+    def ragged_loop(self, x, counts):
+        chunks = x.split(counts.tolist())                       # E chunks of (n_e, D)
+        return torch.cat([torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], xe, self.w1[e])), self.w2[e])
+                          for e, xe in enumerate(chunks)])
 
 
 class SaliencyRouter(nn.Module):
@@ -313,11 +325,11 @@ class MoE(nn.Module):
         return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).flatten(0, 1))
 
     def dispatch_ragged(self, flat, gates, mask):
+        expert, tok = mask.t().nonzero(as_tuple=True)           # (S,) each, sorted by expert
+        counts = mask.sum(0)                                    # (E,) tokens per expert
+        y = self.experts.ragged(flat[tok], counts)              # (S, D)
         out = torch.zeros_like(flat)
-        for e in range(self.E):     # also on empty experts, so DDP sees every parameter used
-            tok = mask[:, e].nonzero().squeeze(1)               # (n_e,)
-            out.index_add_(0, tok, self.experts.one(e, flat[tok]) * gates[tok, e, None])
-        return out
+        return out.index_add_(0, tok, y * gates[tok, expert].unsqueeze(-1))
 
     def train_capacity_predictor(self, flat, mask):
         """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
