@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -261,3 +262,108 @@ def test_folder_data_center_crop(tmp_path):
     data = train.ImageFolder(str(tmp_path), 16)
     x, y = data[0]
     assert x.shape == (3, 16, 16) and y == 0 and x.min() > 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# SharpMoE: the dual router, the trajectory step, saliency and the routing loss
+
+@pytest.mark.parametrize("router", MOE_ROUTERS)
+def test_adding_saliency_router_keeps_the_model_bitwise(router):
+    torch.manual_seed(5)
+    base = pretrained_like(sm.DiT(tiny(router)))
+    sal = sm.add_saliency_routers(deepcopy(base))
+    x, y = batch()
+    t, x0_hat = torch.rand(4), torch.randn_like(x)
+    for mode in (False, True):                                 # eval, then train
+        base.train(mode), sal.train(mode)
+        v0, _ = base(x, t, y)
+        v1, _ = sal(x, t, y, x0_hat=x0_hat)
+        assert torch.equal(v0, v1)
+    assert sal.cfg.sharpmoe and not base.cfg.sharpmoe
+
+
+@pytest.mark.parametrize("router", MOE_ROUTERS)
+def test_saliency_router_output_layer_gets_gradient(router):
+    torch.manual_seed(6)
+    model = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny(router))))
+    x, y = batch()
+    v, _ = model(x, torch.rand(4), y, x0_hat=x)
+    v.pow(2).mean().backward()
+    for layer in model.moe_layers():
+        assert layer.sal_router.fc2.weight.grad.abs().sum() > 0
+        assert layer.sal_router.fc1.weight.grad.abs().sum() == 0   # fc2 = 0 at the start
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model like DDP does (as .module) and records every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module, self.calls = model, []
+
+    def forward(self, x, t, y, x0_hat=None):
+        v, aux = self.module(x, t, y, x0_hat=x0_hat)
+        self.calls.append((x, t, x0_hat, v))
+        return v, aux
+
+
+def test_trajectory_chains_detached_x0_hat():
+    torch.manual_seed(7)
+    cfg = tiny("ec", sharpmoe=True)
+    rec = Recorder(pretrained_like(sm.DiT(cfg)))
+    x0, y = batch()
+    loss, _, stats = sm.trajectory_loss(rec, cfg, x0, y, T=5)
+    assert len(rec.calls) == 5 and stats["counts"].shape == (5, 4, cfg.num_tokens)
+    x1, t1, hat1, _ = rec.calls[0]
+    assert torch.equal(hat1, x1) and (t1 == 0.999).all()       # step 1 routes with x_{t_1}
+    eps = (x1 - (1 - t1.view(-1, 1, 1, 1)) * x0) / t1.view(-1, 1, 1, 1)
+    for (xp, tp, _, vp), (xk, tk, hatk, _) in zip(rec.calls, rec.calls[1:]):
+        assert (tk < tp).all()
+        torch.testing.assert_close(xk, (1 - tk.view(-1, 1, 1, 1)) * x0 + tk.view(-1, 1, 1, 1) * eps)
+        torch.testing.assert_close(hatk, xp - tp.view(-1, 1, 1, 1) * vp)   # x0_hat = x_t - t v
+        assert not hatk.requires_grad
+    loss.backward()
+
+
+def test_trajectory_timesteps_descend_from_0999_one_per_bin():
+    torch.manual_seed(8)
+    t = sm.trajectory_timesteps(10, 500, "cpu")
+    assert t.shape == (10, 500) and (t[0] == 0.999).all()
+    assert (t[1:] < t[:-1]).all() and (t >= 0).all()
+    bins = torch.floor((0.999 - t[1:]) / (0.999 / 9))          # bin k holds step k + 1
+    assert torch.equal(bins, torch.arange(9.).view(9, 1).expand(9, 500))
+
+
+def test_laplacian_saliency_flat_is_zero_and_edge_is_concentrated():
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    assert sm.laplacian_saliency(flat, 4).abs().max() == 0
+    edge = flat.clone()
+    edge[..., 16:] = -0.5                                      # a vertical edge between columns 15 | 16
+    M = sm.laplacian_saliency(edge, 4).view(8, 8)              # (grid rows, grid cols)
+    assert (M[:, 3:5] > 0).all() and (M[:, :3] == 0).all() and (M[:, 5:] == 0).all()
+
+
+def test_routing_loss_prefers_saliency_and_reaches_the_router():
+    torch.manual_seed(9)
+    M = torch.rand(4, 64)
+    follow, oppose = sm.routing_loss(M, M), sm.routing_loss(-M, M)
+    assert follow < 1e-6 < oppose
+    assert sm.routing_loss(M + 0.1 * torch.randn(4, 64), M) < oppose
+    model = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny("ec"))))
+    x, y = batch()
+    model(x, torch.full((4,), 0.5), y, x0_hat=x)
+    sm.routing_loss(model.routed_mass(), sm.laplacian_saliency(x, 4)).backward()
+    for layer in model.moe_layers():
+        assert layer.router.weight.grad.abs().sum() > 0
+        assert layer.sal_router.fc2.weight.grad.abs().sum() > 0
+
+
+def test_post_training_torchrun_two_processes(tmp_path):
+    train.main(train_args(tmp_path / "pre", "--router", "diffmoe", "--steps", "2"))
+    r = run_cli("--init", str(tmp_path / "pre" / "last.pt"), "--trajectory-steps", "3", "--steps", "2",
+                "--global-batch-size", "8", "--num-workers", "0", "--builtin-size", "64",
+                "--out", str(tmp_path / "post"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "post" / "last.pt", weights_only=True)
+    assert ckpt["config"]["sharpmoe"] and any("sal_router" in k for k in ckpt["ema"])
+    sm.DiT(sm.Config(**ckpt["config"])).load_state_dict(ckpt["ema"])   # no extra flag to load
