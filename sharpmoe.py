@@ -520,29 +520,49 @@ def routing_loss(A, M, temp=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+def unroll(model, x0, y, ts, eps, oracle=False):
+    """Run the model along one noised trajectory (paper Sec. 3.2): every x_t from the same x0
+    and eps; step k routes with x0_hat from step k-1 (detached), step 1 with x_{t_1}; `oracle`
+    routes with the true x0 instead (an ablation bound). Yields (t, x_t, v, aux) per step."""
+    x0_hat = None
+    for t in ts:                                                # ts: (T, B), descending
+        xt = interpolate(x0, eps, t)
+        x0_hat = x0 if oracle else (xt if x0_hat is None else x0_hat)
+        v, aux = model(xt, t, y, x0_hat=x0_hat)
+        yield t, xt, v, aux
+        x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
+
+
 def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
-    """SharpMoE post-training (paper Sec. 3.2-3.3). One trajectory of T steps per image: every
-    x_t from the same x0 and eps; step k routes with x0_hat from step k-1 (detached), step 1
-    with x_{t_1}; `oracle` routes with the true x0 instead (an ablation bound). Returns
-    (L_fm + lam * L_routing, aux, stats); the routing loss is skipped for tc (equal counts)."""
+    """SharpMoE post-training: L_fm (mean over the T steps of one trajectory) + lam * L_routing,
+    with A the routed mass summed over steps, layers and experts (skipped for tc, whose counts
+    are equal). Returns (loss, aux, stats)."""
     raw = getattr(model, "module", model)                       # unwrap DDP for the MoE layers
     ts = trajectory_timesteps(T, x0.shape[0], x0.device)
     eps = torch.randn_like(x0)
     y = drop_labels(y, cfg.class_dropout, cfg.num_classes)      # one label drop per trajectory
-    x0_hat, fm, aux, mass, counts = None, 0.0, 0.0, 0.0, []
-    for t in ts:
-        xt = interpolate(x0, eps, t)
-        x0_hat = x0 if oracle else (xt if x0_hat is None else x0_hat)
-        v, a = model(xt, t, y, x0_hat=x0_hat)
+    fm, aux, mass, counts = 0.0, 0.0, 0.0, []
+    for t, xt, v, a in unroll(model, x0, y, ts, eps, oracle):
         fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
-        mass = mass + raw.routed_mass()
+        mass = mass + raw.routed_mass()                         # (B, N)
         counts.append(raw.expert_count().detach())
-        x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
     saliency = laplacian_saliency(x0, cfg.patch_size)
     L_routing = routing_loss(mass.float(), saliency, cfg.routing_temp) if cfg.router != "tc" else fm * 0
-    stats = dict(fm=fm.detach(), routing=L_routing.detach(), t=ts, counts=torch.stack(counts),
-                 saliency=saliency)
+    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts), saliency=saliency)
     return fm + lam * L_routing, aux, stats
+
+
+@torch.no_grad()
+def routing_probe(model, x0, y, ts, eps):
+    """Per denoising step, the mean rank correlation between each token's expert count (summed
+    over MoE layers) and its Laplacian saliency, along one noised trajectory with x0_hat chained
+    as in training (the paper's key measurement). ts: (T,) descending. Returns (T,)."""
+    mode, saliency = model.training, laplacian_saliency(x0, model.cfg.patch_size)
+    model.eval()
+    ts = ts.to(x0.device)[:, None].expand(-1, x0.shape[0])
+    corr = [rank_correlation(model.expert_count(), saliency).mean() for _ in unroll(model, x0, y, ts, eps)]
+    model.train(mode)
+    return torch.stack(corr)
 
 
 def rank_correlation(a, b):

@@ -29,6 +29,9 @@ from tqdm import tqdm
 import sharpmoe as sm
 
 
+PROBE_T = torch.tensor([0.95, 0.8, 0.5, 0.2])                 # the routing probe's timesteps
+
+
 class UserError(Exception):
     """Bad input: printed as one line, without a traceback."""
 
@@ -299,7 +302,12 @@ def main(args):
         f"{cfg.router} router, {n_params / 1e6:.2f}M parameters, {len(data)} images, {num_classes} classes, "
         f"world {world}, device {device}, step {step} of {args.steps}")
 
-    # 4. training loop
+    # 4. training loop. The probe: fixed images, noise and timesteps, so that every run (pretraining,
+    # SharpMoE, controls) reports the same per-step count-saliency correlation.
+    probe = [data[i] for i in range(min(64, len(data)))]
+    probe_x = torch.stack([x for x, _ in probe]).to(device)
+    probe_y = torch.tensor([y for _, y in probe], device=device)
+    probe_eps = torch.randn(probe_x.shape, generator=torch.Generator().manual_seed(0)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     sums, seen, t0 = torch.zeros(6, device=device), 0, time.time()   # fm, aux, routing, count, corr, n
     data_iter = batches(loader, step, steps_per_epoch)
@@ -345,7 +353,9 @@ def main(args):
                 if post:
                     msg += f"  loss_routing {rt_:.4f}"
                 if n_moe:
-                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) {corr_:+.3f}"
+                    probe = sm.routing_probe(raw, probe_x, probe_y, PROBE_T, probe_eps)
+                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) batch {corr_:+.3f} probe " + \
+                           " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in zip(PROBE_T.tolist(), probe.tolist()))
                 log(msg + f"  img/s {rate:.1f}")
                 pbar.set_postfix(loss=f"{fm_:.4f}")
                 sums.zero_()
