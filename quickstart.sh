@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 pip install -q -r requirements.txt
 OUT=${OUT:-runs/quickstart}
 CPU="--global-batch-size 32 --lr 3e-4 --ema 0.999 --num-workers 1 --log-every 100"
-POST_STEPS=${POST_STEPS:-200}
+POST_STEPS=${POST_STEPS:-100}
 T=${T:-10}
 
 # 1. pretraining (if a run is there already, continue it)

@@ -301,16 +301,17 @@ class MoE(nn.Module):
         slots, aux = None, x.new_zeros(())
         if self.kind == "ec":
             slots = expert_choice_in_image(gates, B, N * self.k // self.E)
+            mask = slots_to_mask(slots, B * N)
         elif self.kind == "tc":
             mask = token_choice(gates, self.k)
         elif self.training:                                     # diffmoe, fixed capacity
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
-            aux = self.train_capacity_predictor(flat, slots_to_mask(slots, B * N))
+            mask = slots_to_mask(slots, B * N)
+            aux = self.train_capacity_predictor(flat, mask)
         else:                                                   # diffmoe, dynamic capacity
             scores = self.capacity_predictor(flat).sigmoid()
             mask = threshold_choice(gates, scores, self.thresholds)
         if slots is not None:
-            mask = slots_to_mask(slots, B * N)
             out = self.dispatch_fixed(flat, gates, slots)
         else:
             out = self.dispatch_ragged(flat, gates, mask)
@@ -550,6 +551,43 @@ def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
     L_routing = routing_loss(mass.float(), saliency, cfg.routing_temp) if cfg.router != "tc" else fm * 0
     stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts), saliency=saliency)
     return fm + lam * L_routing, aux, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler: Euler from t = 1 to 0 with classifier-free guidance, x0_hat carried into the router
+
+def guided_velocity(model, x, t, y, x0_hat, cfg_scale):
+    """v = v_u + s (v_c - v_u); s = 1 is one conditional pass. Both halves route with the same
+    x0_hat (paper Sec. 3.1). FOOTGUN: the unconditional label is the null class num_classes."""
+    if cfg_scale == 1.0:
+        return model(x, t, y, x0_hat=x0_hat)[0]
+    null = torch.full_like(y, model.cfg.num_classes)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+              x0_hat=None if x0_hat is None else torch.cat([x0_hat, x0_hat]))[0]
+    v_c, v_u = v.chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+@torch.no_grad()
+def euler_steps(model, noise, y, steps=250, cfg_scale=1.5):
+    """Yields (t, x_t, v) at each of `steps` Euler steps from t = 1; x after the last step is
+    x + (0 - t) v. x0_hat = x_t - t v of the previous step (guided) feeds R_sal; the first step
+    routes with x_t itself. Call model.eval() first (DiffMoE: dynamic capacity)."""
+    ts = torch.linspace(1, 0, steps + 1, device=noise.device)
+    x, x0_hat = noise, noise
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        tb = t.expand(x.shape[0])
+        v = guided_velocity(model, x, tb, y, x0_hat, cfg_scale)
+        yield tb, x, v
+        x0_hat = x - t * v
+        x = x + (t_next - t) * v
+
+
+def sample(model, noise, y, steps=250, cfg_scale=1.5):
+    """Images in [-1, 1] from noise (B, C, H, W) and labels (B,)."""
+    for t, x, v in euler_steps(model, noise, y, steps, cfg_scale):
+        pass
+    return x - t.view(-1, 1, 1, 1) * v                          # the last step lands on t = 0
 
 
 @torch.no_grad()

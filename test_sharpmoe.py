@@ -1,4 +1,5 @@
 """Tests for sharpmoe.py and train.py: CPU only, tiny configs. Run: python -m pytest -q"""
+import json
 import os
 import subprocess
 import sys
@@ -367,3 +368,180 @@ def test_post_training_torchrun_two_processes(tmp_path):
     ckpt = torch.load(tmp_path / "post" / "last.pt", weights_only=True)
     assert ckpt["config"]["sharpmoe"] and any("sal_router" in k for k in ckpt["ema"])
     sm.DiT(sm.Config(**ckpt["config"])).load_state_dict(ckpt["ema"])   # no extra flag to load
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler and sample.py
+
+class StraightFlow(torch.nn.Module):
+    """A stand-in model whose flow is exactly straight towards `target`: v = (x_t - target) / t.
+    Records the x0_hat each call routes with."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target, self.cfg, self.seen = target, tiny("ec"), []
+
+    def forward(self, x, t, y, x0_hat=None):
+        self.seen.append((x0_hat, y))
+        target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)   # CFG doubles
+        return (x - target) / t.view(-1, 1, 1, 1), 0.0
+
+
+def test_euler_sampler_is_exact_on_a_straight_flow_and_carries_x0_hat():
+    target = torch.rand(2, 3, 8, 8) * 2 - 1
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    model = StraightFlow(target)
+    x = sm.sample(model, noise, y, steps=5, cfg_scale=1.5)
+    torch.testing.assert_close(x, target)
+    assert len(model.seen) == 5
+    first, y_first = model.seen[0]
+    assert torch.equal(first, torch.cat([noise, noise]))        # step 1 routes with x_t = noise
+    assert torch.equal(y_first, torch.tensor([1, 2, 10, 10]))   # conditional, then null class
+    for x0_hat, _ in model.seen[1:]:                            # x0_hat = x_t - t v = target here
+        torch.testing.assert_close(x0_hat, torch.cat([target, target]))
+    model.seen.clear()
+    sm.sample(model, noise, y, steps=3, cfg_scale=1.0)
+    assert model.seen[0][1].shape == (2,)                       # cfg 1.0: one pass, no null half
+
+
+@pytest.fixture(scope="module")
+def sharp_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    train.main(train_args(out / "pre", "--router", "ec", "--steps", "2"))
+    train.main(train_args(out / "post", "--init", str(out / "pre" / "last.pt"), "--trajectory-steps", "2", "--steps", "1"))
+    return out / "post" / "last.pt"
+
+
+def run_sample(*args, torchrun=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    return subprocess.run(cmd + ["sample.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_py_grid_npz_deterministic_and_report(tmp_path, sharp_ckpt):
+    import sample
+    common = ["--ckpt", str(sharp_ckpt), "--steps", "4", "--num-samples", "6", "--batch-size", "4", "--grid", "4"]
+    sample.main(sample.parse_args(common + ["--out", str(tmp_path / "a"), "--report", "--report-images", "4"]))
+    sample.main(sample.parse_args(common + ["--out", str(tmp_path / "b"), "--grid", "0"]))
+    a, b = (tmp_path / "a" / "samples.npz").read_bytes(), (tmp_path / "b" / "samples.npz").read_bytes()
+    assert a == b                                               # the same command, the same file
+    with np.load(tmp_path / "a" / "samples.npz") as f:
+        assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+    assert Image.open(tmp_path / "a" / "grid.png").size[0] > 4 * 32
+    report = json.load(open(tmp_path / "a" / "report_generated.json"))
+    assert len(report["t"]) == len(report["rank_correlation"]) == 4 and report["sharpmoe"]
+    assert len(report["count_by_saliency_quintile"]) == 4
+    assert all(v == 1.0 for v in report["experts_per_token_per_layer"])   # ec: k = 1 on average
+    assert Image.open(tmp_path / "a" / "report_generated.png").size[1] > 4 * 32
+    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--steps", "3", "--grid", "0", "--report",
+                                   "--real", "--report-images", "4", "--out", str(tmp_path / "a")]))
+    assert json.load(open(tmp_path / "a" / "report_real.json"))["what"] == "real"
+
+
+def test_sample_py_under_torchrun_matches_one_process(tmp_path, sharp_ckpt):
+    args = ["--ckpt", str(sharp_ckpt), "--steps", "3", "--num-samples", "5", "--grid", "0"]
+    r = run_sample(*args, "--out", str(tmp_path / "two"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_sample(*args, "--out", str(tmp_path / "one")).returncode == 0
+    with np.load(tmp_path / "one" / "samples.npz") as one, np.load(tmp_path / "two" / "samples.npz") as two:
+        assert np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int)).max() <= 1
+        assert np.array_equal(one["arr_1"], two["arr_1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# fid.py
+
+import fid
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=3), rng.normal(size=3)
+    A = rng.normal(size=(3, 3))
+    S = A @ A.T + np.eye(3)
+    assert fid.frechet_distance(mu1, S, mu2, S) == pytest.approx(((mu1 - mu2) ** 2).sum(), abs=1e-9)
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 1.0])          # commuting (diagonal)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
+    S1, S2 = np.array([[2.0, 1.0], [1.0, 2.0]]), np.array([[1.0, 0.0], [0.0, 3.0]])   # S1 S2 != S2 S1
+    # for 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M))
+    tr_root = np.sqrt(np.trace(S1 @ S2) + 2 * np.sqrt(np.linalg.det(S1) * np.linalg.det(S2)))
+    assert fid.frechet_distance(np.zeros(2), S1, np.zeros(2), S2) == pytest.approx(np.trace(S1) + np.trace(S2) - 2 * tr_root, abs=1e-9)
+    assert fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1, abs=1e-9)   # 1-D
+    x, y = rng.normal(size=(500, 8)), rng.normal(size=(500, 8)) * 2 + 1
+    assert abs(fid.frechet_distance(*fid.statistics(x), *fid.statistics(x))) < 1e-8
+    assert fid.frechet_distance(*fid.statistics(x), *fid.statistics(y)) == \
+        pytest.approx(fid.frechet_distance(*fid.statistics(y), *fid.statistics(x)), rel=1e-9)
+
+
+def test_inception_layout_matches_the_committed_manifest():
+    rows = [l.split() for l in open(os.path.join(HERE, "inception_keys.txt")) if not l.startswith("#")]
+    manifest = {k: tuple(int(s) for s in shape.split("x")) for k, shape in rows}
+    net = fid.FIDInception()
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == manifest
+    assert sum(k.endswith("conv.weight") for k in manifest) == 94
+    # torchvision's Inception3 has 27,161,264 parameters; less its aux head (3,326,696), plus
+    # 8 more classes (8 * 2049), gives the FID network's count.
+    assert sum(p.numel() for p in net.parameters()) == 27_161_264 - 3_326_696 + 8 * 2049
+
+
+def test_inception_loads_strictly_checks_sha_and_is_batch_invariant(tmp_path):
+    torch.manual_seed(0)
+    net = fid.FIDInception()
+    state = dict(net.state_dict(), **{"Conv2d_1a_3x3.bn.num_batches_tracked": torch.tensor(0)})
+    raw = tmp_path / "w.pth"
+    torch.save(state, raw)
+    import hashlib
+    digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+    good, bad = tmp_path / f"w-{digest[:8]}.pth", tmp_path / "w-00000000.pth"
+    raw.rename(good)
+    bad.write_bytes(good.read_bytes())
+    with pytest.raises(train.UserError, match="corrupt or not the published file"):
+        fid.load_inception(str(bad))
+    loaded = fid.load_inception(str(good))
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        pool4, logits4 = loaded(images)
+        pool1 = torch.cat([loaded(images[i:i + 1])[0] for i in range(4)])
+    assert pool4.shape == (4, 2048) and logits4.shape == (4, 1008)
+    torch.testing.assert_close(pool1, pool4, rtol=1e-5, atol=1e-6)
+
+
+def test_tf_bilinear_resize_by_hand():
+    up = fid.tf_resize_matrix(2, 4)                             # samples at 0, 0.5, 1, 1.5
+    assert torch.equal(up, torch.tensor([[1, 0], [0.5, 0.5], [0, 1], [0, 1]], dtype=torch.float64))
+    down = fid.tf_resize_matrix(4, 2)                           # samples at 0 and 2
+    assert torch.equal(down, torch.tensor([[1, 0, 0, 0], [0, 0, 1, 0]], dtype=torch.float64))
+    img = torch.tensor([[0, 128], [255, 64]], dtype=torch.uint8).view(1, 2, 2, 1).expand(1, 2, 2, 3)
+    x = fid.FIDInception.preprocess(None, img)                  # (1, 3, 299, 299)
+    assert x.shape == (1, 3, 299, 299)
+    assert x[0, 0, 0, 0] == (0 - 128) / 128 and x[0, 0, 298, 298] == (64 - 128) / 128
+    src = 150 * 2 / 299                                         # output row 150 samples row 1.003
+    assert x[0, 0, 150, 0].item() == pytest.approx(((1 - (src - 1)) * 255 + (src - 1) * 255 - 128) / 128)
+
+
+def test_npz_and_folder_inputs_round_trip(tmp_path):
+    import sample
+    arr = np.random.default_rng(1).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    sample.save_npz(str(tmp_path / "s.npz"), arr_0=arr)
+    with np.load(tmp_path / "s.npz") as f:
+        assert np.array_equal(f["arr_0"], arr)                  # a standard .npz
+    assert np.array_equal(np.concatenate(list(fid.npz_batches(str(tmp_path / "s.npz"), 3))), arr)
+    (tmp_path / "imgs").mkdir()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(tmp_path / "imgs" / f"{i}.png")
+    assert np.array_equal(np.concatenate(list(fid.folder_batches(str(tmp_path / "imgs"), 4))), arr)
+
+
+def test_inception_score_and_sample_count_checks(tmp_path):
+    assert fid.inception_score(np.zeros((100, 1008)))[0] == pytest.approx(1.0)
+    peaked = np.eye(1008)[np.arange(100) % 10] * 50             # confident, 10 classes evenly
+    assert fid.inception_score(peaked, splits=1)[0] == pytest.approx(10.0, rel=1e-3)
+    import sample
+    sample.save_npz(str(tmp_path / "one.npz"), arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(train.UserError, match="FID needs at least 2"):
+        fid.features(None, str(tmp_path / "one.npz"), 10, "cpu")
+    with pytest.warns(UserWarning, match="feature dimensions"):
+        fid.statistics(np.random.default_rng(0).normal(size=(10, 2048)))
+    np.savez(tmp_path / "ref.npz", mu=np.ones(3), sigma=np.eye(3), arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    mu, sigma = fid.reference_stats(None, str(tmp_path / "ref.npz"), 10, "cpu")   # stored, not recomputed
+    assert np.array_equal(mu, np.ones(3)) and np.array_equal(sigma, np.eye(3))

@@ -1,0 +1,357 @@
+"""
+FID and Inception Score with the standard network (TF's inception-2015-12-05, as ported by
+pytorch-fid: pt_inception-2015-12-05-6726825d.pth), in pure torch.
+
+    python fid.py runs/ec/samples/samples.npz REF.npz            # FID against REF, IS of the samples
+    python fid.py IMAGE_FOLDER --save-stats ref_stats.npz         # write mu / sigma for later
+
+Inputs: an .npz with arr_0 (N, H, W, 3) uint8 (read in batches), or a folder of images. A
+reference .npz that carries mu and sigma (pytorch-fid's --save-stats, ADM's reference batches)
+is used as stored; otherwise its arr_0 images are measured.
+
+Preprocessing is the ADM evaluator's graph: TF1 bilinear resize to 299 (align_corners=False,
+no half-pixel offset), then (x - 128) / 128. Features: pool3 (2048) for FID, the 1008 logits
+for IS (10 splits). BatchNorm in eval mode, TF32 off. The FID variants of the blocks follow
+pytorch-fid: average pools that exclude padding (Mixed_5*, Mixed_6b-e, Mixed_7b) and a max pool
+in the last block's pool branch (Mixed_7c).
+"""
+import argparse
+import hashlib
+import os
+import re
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from train import IMAGE_EXTENSIONS, UserError
+
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+# ----------------------------------------------------------------------------------------------
+# The network (state_dict keys as in the published file; BatchNorm without num_batches_tracked)
+
+class BatchNorm(nn.Module):
+    """Eval-only BatchNorm (eps 1e-3, as TF's): weight, bias, running_mean, running_var."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-3)
+
+
+class Conv(nn.Module):
+    """BasicConv2d: conv (no bias), BatchNorm, ReLU."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = BatchNorm(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def avg_pool(x):                                                # FID: padding not counted
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.branch1x1 = Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = Conv(cin, 48, 1), Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3, padding=1), Conv(96, 96, 3, padding=1)
+        self.branch_pool = Conv(cin, pool, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3, padding=1), Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+        self.branch1x1 = Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = Conv(cin, c7, 1), Conv(c7, c7, **row), Conv(c7, 192, **col)
+        self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, **col)
+        self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, **row), Conv(c7, c7, **col)
+        self.branch7x7dbl_5 = Conv(c7, 192, **row)
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        return torch.cat([self.branch1x1(x), self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                          self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)), self.branch_pool(avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = Conv(cin, 192, 1), Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = Conv(cin, 192, 1)
+        self.branch7x7x3_2 = Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = Conv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x)))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), self.branch7x7x3_4(b),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    """`max_pool`: the FID network's last block (Mixed_7c) max-pools in its pool branch."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = Conv(cin, 320, 1)
+        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, (1, 3), padding=(0, 1)), Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, (1, 3), padding=(0, 1)), Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        a, d = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+
+
+def tf_resize_matrix(n_in, n_out):
+    """(n_out, n_in) weights of TF1's bilinear resize (align_corners=False, no half-pixel
+    centers): output i samples the input at i * n_in / n_out."""
+    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    w[torch.arange(n_out), i0] += 1 - (src - i0)
+    w[torch.arange(n_out), i1] += src - i0
+    return w
+
+
+class FIDInception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3, self.Conv2d_2a_3x3 = Conv(3, 32, 3, stride=2), Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1, self.Conv2d_4a_3x3 = Conv(64, 80, 1), Conv(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def preprocess(self, images):
+        """(B, H, W, 3) uint8 -> (B, 3, 299, 299): TF1 bilinear resize, then (x - 128) / 128."""
+        x = images.permute(0, 3, 1, 2).double()
+        rh, rw = tf_resize_matrix(x.shape[2], 299).to(x.device), tf_resize_matrix(x.shape[3], 299).to(x.device)
+        x = torch.einsum("oh,bchw,pw->bcop", rh, x, rw)         # (B, 3, 299, 299)
+        return ((x - 128) / 128).float()
+
+    def forward(self, images):
+        """uint8 images (B, H, W, 3) -> pool3 features (B, 2048), logits (B, 1008)."""
+        x = self.preprocess(images)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, "Mixed_" + name)(x)
+        pool3 = x.mean((2, 3))                                  # (B, 2048)
+        return pool3, self.fc(pool3)
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID network with the published weights: PATH, or downloaded when online. The file's
+    sha256 must start with the hex prefix in its name (torch.hub's convention)."""
+    if path is None:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URL))
+        if not os.path.exists(path):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(WEIGHTS_URL, path, hash_prefix=WEIGHTS_URL.split("-")[-1][:-4])
+            except Exception as e:
+                raise UserError(f"cannot download the Inception weights ({type(e).__name__}); download "
+                                f"{WEIGHTS_URL} elsewhere and pass --inception-weights PATH")
+    if not os.path.isfile(path):
+        raise UserError(f"Inception weights {path} do not exist")
+    prefix = re.search(r"-([0-9a-f]{6,})\.pth?$", os.path.basename(path))
+    if prefix is None:
+        raise UserError(f"{path}: the file name must end in -<sha256 prefix>.pth, as the published "
+                        f"{os.path.basename(WEIGHTS_URL)} does")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if not digest.startswith(prefix.group(1)):
+        raise UserError(f"{path} is corrupt or not the published file: sha256 {digest[:8]}..., "
+                        f"the name says {prefix.group(1)}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    net = FIDInception()
+    net.load_state_dict(state)                                  # strict: every key must match
+    return net.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, statistics, the metrics
+
+def npy_header(f):
+    """(shape, fortran_order, dtype) of an open .npy stream, left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def npz_batches(path, batch_size):
+    """Batches of arr_0 from an .npz, read from the zip member without loading it all."""
+    with zipfile.ZipFile(path) as z:
+        if "arr_0.npy" not in z.namelist():
+            raise UserError(f"{path} has no arr_0; expected images (N, H, W, 3) uint8")
+        with z.open("arr_0.npy") as f:
+            shape, fortran, dtype = npy_header(f)
+            if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+                raise UserError(f"{path}: arr_0 is {dtype} {shape}; expected (N, H, W, 3) uint8")
+            row = int(np.prod(shape[1:]))
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
+
+
+def count_images(path):
+    if os.path.isdir(path):
+        return len(image_files(path))
+    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+        return npy_header(f)[0][0]
+
+
+def image_files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def folder_batches(folder, batch_size):
+    files = image_files(folder)
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for path in files[start:start + batch_size]:
+            try:
+                arrays.append(np.asarray(Image.open(path).convert("RGB")))
+            except Exception as e:
+                raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+        if len({a.shape for a in arrays}) > 1:
+            raise UserError(f"images in {folder} differ in size; resize them to one size first")
+        yield np.stack(arrays)
+
+
+@torch.no_grad()
+def features(net, path, batch_size, device):
+    """pool3 features (N, 2048) and logits (N, 1008), float64, of an .npz or an image folder."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist")
+    n = count_images(path)
+    if n < 2:
+        raise UserError(f"{path} has {n} image(s); FID needs at least 2 (50,000 for comparable numbers)")
+    batches = folder_batches(path, batch_size) if os.path.isdir(path) else npz_batches(path, batch_size)
+    pools, logits = [], []
+    for b in tqdm(batches, total=-(-n // batch_size), desc=f"inception {os.path.basename(path)}"):
+        p, l = net(torch.from_numpy(b).to(device))
+        pools.append(p.double().cpu())
+        logits.append(l.double().cpu())
+    return torch.cat(pools).numpy(), torch.cat(logits).numpy()
+
+
+def statistics(feats):
+    if feats.shape[0] < feats.shape[1]:
+        warnings.warn(f"{feats.shape[0]} samples for {feats.shape[1]} feature dimensions: the covariance "
+                      "is singular and FID is biased upwards; use 50,000 samples for numbers comparable with papers")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. tr (S1 S2)^(1/2) =
+    tr (S1^(1/2) S2 S1^(1/2))^(1/2), a symmetric PSD matrix: two eigendecompositions, exact,
+    no scipy.linalg.sqrtm (whose `disp` argument SciPy removed)."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    s1, s2 = np.atleast_2d(s1), np.atleast_2d(s2)
+    w, V = np.linalg.eigh(s1)
+    root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T            # S1^(1/2)
+    middle = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits."""
+    logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
+    scores = []
+    for part in logp.chunk(splits):
+        p_y = torch.logsumexp(part, 0) - np.log(part.shape[0])  # log of the marginal
+        scores.append(float(torch.exp((part.exp() * (part - p_y)).sum(1).mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def reference_stats(net, path, batch_size, device):
+    """Stored mu / sigma when the file has them (never recomputed), else from its images."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as f:
+            if "mu" in f and "sigma" in f:
+                return f["mu"], f["sigma"]
+    return statistics(features(net, path, batch_size, device)[0])
+
+
+def main(args):
+    torch.backends.cuda.matmul.allow_tf32 = False               # reference numbers: full fp32
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_inception(args.inception_weights, device)
+    pool, logits = features(net, args.samples, args.batch_size, device)
+    mu, sigma = statistics(pool)
+    is_mean, is_std = inception_score(logits)
+    print(f"{args.samples}: {pool.shape[0]} images, Inception Score {is_mean:.3f} +- {is_std:.3f}")
+    if args.save_stats:
+        np.savez(args.save_stats, mu=mu, sigma=sigma)
+        print(f"wrote {args.save_stats} (mu, sigma)")
+    if args.ref:
+        fid = frechet_distance(mu, sigma, *reference_stats(net, args.ref, args.batch_size, device))
+        print(f"FID {fid:.4f}  ({args.samples} against {args.ref})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help=".npz with arr_0 (N, H, W, 3) uint8, or an image folder")
+    p.add_argument("ref", nargs="?", default=None, help="reference: .npz with mu/sigma or arr_0, or an image folder")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: download)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
+    p.add_argument("--save-stats", default=None, help="write mu / sigma of SAMPLES to this .npz")
+    try:
+        main(p.parse_args())
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,250 @@
+"""
+Sample from a checkpoint (Euler, t = 1 -> 0, classifier-free guidance), write an image grid and
+an .npz for FID, and the routing-versus-saliency report. Everything about the model comes from
+the checkpoint; x0_hat is carried into the router of a SharpMoE model.
+
+    python sample.py --ckpt runs/ec/last.pt                          # OUT/grid.png (250 steps, cfg 1.5)
+    python sample.py --ckpt runs/ec/last.pt --num-samples 50000      # OUT/samples.npz (ADM layout)
+    torchrun --nproc_per_node=8 sample.py --ckpt runs/ec/last.pt --num-samples 50000
+    python sample.py --ckpt runs/ec/last.pt --report                 # routing along the generation
+    python sample.py --ckpt runs/ec/last.pt --report --real          # on real images, one trajectory
+"""
+import argparse
+import json
+import os
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import sharpmoe as sm
+import train
+
+
+def load_model(path, weights, device):
+    ckpt = train.load_checkpoint(path)
+    if weights not in ckpt:
+        raise train.UserError(f"checkpoint {path} has no {weights!r} weights")
+    model = sm.DiT(sm.Config(**ckpt["config"]))
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval()
+
+
+def to_uint8(x):
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as DiT's sample_ddp does."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def noise_and_labels(indices, cfg, seed):
+    """Per-sample generators: sample i gets the same noise and label whatever the batch or rank."""
+    noise, labels = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        noise.append(torch.randn(cfg.in_channels, cfg.image_size, cfg.image_size, generator=g))
+        labels.append(int(torch.randint(cfg.num_classes, (1,), generator=g)))
+    return torch.stack(noise), torch.tensor(labels)
+
+
+def save_npz(path, **arrays):
+    """np.savez with fixed zip timestamps, so that the same samples give the same bytes."""
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(a))
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, nrow):
+    """images: (B, H, W, 3) uint8 -> one PNG with a 2-pixel border."""
+    B, H, W, _ = images.shape
+    ncol = -(-B // nrow)
+    grid = Image.new("RGB", (nrow * (W + 2) + 2, ncol * (H + 2) + 2), "white")
+    for i, img in enumerate(images):
+        grid.paste(Image.fromarray(img), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+    grid.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The routing report
+
+STEP_RANGES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0))   # early/noisy -> late
+FIGURE_T = (0.95, 0.75, 0.5, 0.25, 0.05)                             # count maps at these t
+
+
+def rollout_counts(model, noise, y, steps, cfg_scale):
+    """Generate, recording each token's expert count per step (conditional half, summed over
+    MoE layers). Returns images (B, C, H, W), ts (S,), counts (S, B, N)."""
+    B, counts, ts = noise.shape[0], [], []
+    for t, x, v in sm.euler_steps(model, noise, y, steps, cfg_scale):
+        counts.append(model.expert_count()[:B].cpu())
+        ts.append(float(t[0]))
+    return x - t.view(-1, 1, 1, 1) * v, torch.tensor(ts), torch.stack(counts)
+
+
+@torch.no_grad()
+def real_counts(model, x0, y, steps, seed):
+    """Real images noised along one trajectory (the sampler's t grid, the same eps at every
+    step), x0_hat chained from the model's own v, conditional labels."""
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+    ts = torch.linspace(1, 0, steps + 1, device=x0.device)[:-1]
+    counts = [model.expert_count().cpu() for _ in sm.unroll(model, x0, y, ts[:, None].expand(-1, x0.shape[0]), eps)]
+    return ts.cpu(), torch.stack(counts)
+
+
+def quintile_table(counts, saliency, ts):
+    """Mean expert count per saliency quintile (of each image's tokens) for each step range."""
+    order = saliency.argsort(dim=1).argsort(dim=1)              # (B, N) rank of each token
+    quintile = order * 5 // saliency.shape[1]                   # (B, N) in 0..4
+    table = {}
+    for hi, lo in STEP_RANGES:
+        steps = (ts <= hi) & (ts > lo) if lo > 0 else (ts <= hi)
+        c = counts[steps].float().mean(0)                       # (B, N)
+        table[f"t in ({lo:.2f}, {hi:.2f}]"] = [round(float(c[quintile == q].mean()), 4) for q in range(5)]
+    return table
+
+
+def colormap(a):
+    """(h, w) in [0, 1] -> (h, w, 3) uint8, dark blue -> teal -> yellow."""
+    anchors = np.array([[20, 20, 60], [30, 120, 140], [120, 200, 90], [250, 230, 40]], np.float32)
+    pos = np.clip(a, 0, 1) * (len(anchors) - 1)
+    i = np.minimum(pos.astype(int), len(anchors) - 2)
+    f = (pos - i)[..., None]
+    return ((1 - f) * anchors[i] + f * anchors[i + 1]).astype(np.uint8)
+
+
+def report_figure(images, saliency, counts, ts, path, rows=4, scale=4):
+    """Per sample: the image, its saliency map, and expert-count maps at several t."""
+    B, N = saliency.shape
+    g, H = int(N ** 0.5), images.shape[1] * scale
+    picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
+    cmax = max(float(counts.max()), 1.0)
+    titles = ["sample", "saliency"] + [f"experts t={float(ts[p]):.2f}" for p in picks]
+    canvas = Image.new("RGB", (len(titles) * (H + 4) + 4, 18 + min(rows, B) * (H + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((4 + j * (H + 4), 3), title, fill="black")
+    for r in range(min(rows, B)):
+        s = saliency[r].view(g, g).numpy()
+        tiles = [images[r], colormap(s / max(s.max(), 1e-8))]
+        tiles += [colormap(counts[p, r].view(g, g).float().numpy() / cmax) for p in picks]
+        for j, tile in enumerate(tiles):
+            im = Image.fromarray(tile).resize((H, H), Image.NEAREST)
+            canvas.paste(im, (4 + j * (H + 4), 18 + r * (H + 4)))
+    canvas.save(path)
+
+
+def routing_report(model, images, counts, ts, out, name):
+    """Print and save (JSON, PNG) the routing-versus-saliency report. images in [-1, 1]."""
+    n_moe = len(model.moe_layers())
+    saliency = sm.laplacian_saliency(images.float().cpu(), model.cfg.patch_size)
+    corr = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts])
+    report = dict(
+        what=name, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(images.shape[0]),
+        moe_layers=n_moe, t=[round(float(t), 4) for t in ts],
+        rank_correlation=[round(float(c), 4) for c in corr],
+        experts_per_token_per_layer=[round(float(c.float().mean()) / n_moe, 4) for c in counts],
+        count_by_saliency_quintile=quintile_table(counts, saliency, ts))
+    print(f"\nrouting report ({name}): {model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}, "
+          f"{report['images']} images, experts per token summed over {n_moe} MoE layers")
+    print(f"{'step range':>20}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   (Q1 least salient)")
+    for k, v in report["count_by_saliency_quintile"].items():
+        print(f"{k:>20}  " + "  ".join(f"{c:6.3f}" for c in v))
+    picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
+    print("rank correlation(count, saliency): " + "  ".join(f"t={float(ts[p]):.2f}:{float(corr[p]):+.3f}" for p in picks))
+    with open(os.path.join(out, f"report_{name}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    report_figure(to_uint8(images), saliency, counts, ts, os.path.join(out, f"report_{name}.png"))
+    print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (the paper reports EMA)")
+    p.add_argument("--steps", type=int, default=250, help="Euler steps (paper: 250)")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1.0 turns guidance off (one pass)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1000003 + i")
+    p.add_argument("--out", default=None, help="output folder (default: CKPT's folder/samples)")
+    p.add_argument("--grid", type=int, default=64, help="images in OUT/grid.png (0: none)")
+    p.add_argument("--num-samples", type=int, default=0, help="write OUT/samples.npz with this many images")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward, per rank")
+    p.add_argument("--report", action="store_true", help="write the routing-versus-saliency report")
+    p.add_argument("--report-images", type=int, default=32, help="images in the routing report")
+    p.add_argument("--real", action="store_true", help="report on real images (--data, or the built-in shapes)")
+    p.add_argument("--data", default=None, help="image folder for --real (default: the built-in shapes)")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
+    return args
+
+
+def main(args):
+    rank, world, device = train.setup_distributed()
+    model = load_model(args.ckpt, args.weights, device)
+    cfg = model.cfg
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_grad_enabled(False)
+
+    # 1. the grid
+    if args.grid and rank == 0:
+        noise, y = noise_and_labels(range(args.grid), cfg, args.seed)
+        y = torch.arange(args.grid) % cfg.num_classes                # one class per column
+        x = sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
+        save_grid(to_uint8(x), os.path.join(args.out, "grid.png"), nrow=min(cfg.num_classes, args.grid))
+        print(f"wrote {args.out}/grid.png")
+
+    # 2. samples.npz: sample i on rank i % world
+    if args.num_samples:
+        mine = list(range(rank, args.num_samples, world))
+        images, labels = [], []
+        for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
+            noise, y = noise_and_labels(mine[start:start + args.batch_size], cfg, args.seed)
+            images.append(to_uint8(sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)))
+            labels.append(y.numpy())
+        part = os.path.join(args.out, f".part{rank}.npz")
+        np.savez(part, images=np.concatenate(images), labels=np.concatenate(labels))
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            arr = np.zeros((args.num_samples, cfg.image_size, cfg.image_size, 3), np.uint8)
+            lab = np.zeros(args.num_samples, np.int64)
+            for r in range(world):
+                with np.load(os.path.join(args.out, f".part{r}.npz")) as f:
+                    arr[r::world], lab[r::world] = f["images"], f["labels"]
+                os.remove(os.path.join(args.out, f".part{r}.npz"))
+            save_npz(os.path.join(args.out, "samples.npz"), arr_0=arr, arr_1=lab)
+            print(f"wrote {args.out}/samples.npz: arr_0 {arr.shape} uint8, arr_1 labels")
+
+    # 3. the routing report
+    if args.report and rank == 0:
+        if not model.moe_layers():
+            raise train.UserError("the routing report needs an MoE model; this checkpoint is dense")
+        n = args.report_images
+        if args.real:
+            data = train.ImageFolder(args.data, cfg.image_size) if args.data else train.Shapes(cfg.image_size, n=n, seed=12345)
+            if len(data.classes) != cfg.num_classes:
+                raise train.UserError(f"--data has {len(data.classes)} classes, the model {cfg.num_classes}")
+            x0 = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)
+            y = torch.tensor([data[i][1] for i in range(x0.shape[0])], device=device)
+            ts, counts = real_counts(model, x0, y, args.steps, args.seed)
+            routing_report(model, x0, counts, ts, args.out, "real")
+        else:
+            noise, y = noise_and_labels(range(n), cfg, args.seed)
+            x, ts, counts = rollout_counts(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
+            routing_report(model, x, counts, ts, args.out, "generated")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except train.UserError as e:
+        sys.exit(f"error: {train.last_line(e)}")
