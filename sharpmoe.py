@@ -27,7 +27,8 @@ Choices that are ours, not the paper's (see ../shared/METHOD.md):
     temperature `routing_temp` before the softmax; raw Laplacian magnitudes give an almost
     uniform softmax.
   - Experts use the exact GELU (DiT uses the tanh approximation, several times slower on CPU).
-  - DiffMoE's capacity predictor has hidden width = model width; thresholds start at 0.
+  - DiffMoE's thresholds start at 0 (its capacity predictor, Linear(D, D)-SiLU-Linear(D, E), is
+    as in DiffMoE's code).
   - Gates are softmax probabilities over experts and are not renormalized after selection.
 """
 import math
