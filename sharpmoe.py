@@ -516,7 +516,10 @@ def standardize(a):
 
 def routing_loss(A, M, temp=1.0):
     """KL(softmax(A) || softmax(M)) over the tokens of each image, averaged over images.
-    A, M: (B, N); both standardized per image first (our choice, see the docstring)."""
+    A, M: (B, N); both standardized per image first (our choice, see the docstring).
+    Measured (README, "What we measured"): with expert choice, pushing A up concentrates a
+    token's softmax gates on the experts that chose it, so lambda >= 1 lowered count-saliency
+    correlation at our scale; the routed mass, not the count, is what this loss aligns."""
     log_p = F.log_softmax(standardize(A) / temp, dim=-1)
     log_q = F.log_softmax(standardize(M) / temp, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()

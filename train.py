@@ -309,6 +309,10 @@ def main(args):
     probe_y = torch.tensor([y for _, y in probe], device=device)
     probe_eps = torch.randn(probe_x.shape, generator=torch.Generator().manual_seed(0)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    probe_line = lambda: " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in
+                                  zip(PROBE_T.tolist(), sm.routing_probe(raw, probe_x, probe_y, PROBE_T, probe_eps).tolist()))
+    if n_moe:
+        log(f"step {step:7d}  probe {probe_line()}  (before training)")
     sums, seen, t0 = torch.zeros(6, device=device), 0, time.time()   # fm, aux, routing, count, corr, n
     data_iter = batches(loader, step, steps_per_epoch)
     with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
@@ -353,9 +357,7 @@ def main(args):
                 if post:
                     msg += f"  loss_routing {rt_:.4f}"
                 if n_moe:
-                    probe = sm.routing_probe(raw, probe_x, probe_y, PROBE_T, probe_eps)
-                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) batch {corr_:+.3f} probe " + \
-                           " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in zip(PROBE_T.tolist(), probe.tolist()))
+                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) batch {corr_:+.3f} probe {probe_line()}"
                 log(msg + f"  img/s {rate:.1f}")
                 pbar.set_postfix(loss=f"{fm_:.4f}")
                 sums.zero_()
