@@ -233,6 +233,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     fails("fewer than --global-batch-size", "--builtin-size", "4")
     train.main(train_args(tmp_path / "ec", "--router", "ec", "--steps", "1"))
     fails(r"another config \(router: 'ec' != 'tc'", "--router", "tc", "--resume", str(tmp_path / "ec" / "last.pt"))
+    train.main(train_args(tmp_path / "sharp", "--init", str(tmp_path / "ec" / "last.pt"), "--trajectory-steps", "2", "--steps", "1"))
+    fails("already a SharpMoE model", "--init", str(tmp_path / "sharp" / "last.pt"), "--sharpmoe", "off")
 
 
 def test_unreadable_image_names_the_file_in_one_line(tmp_path):
@@ -574,3 +576,28 @@ def test_inception_score_and_sample_count_checks(tmp_path):
     np.savez(tmp_path / "ref.npz", mu=np.ones(3), sigma=np.eye(3), arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     mu, sigma = fid.reference_stats(None, str(tmp_path / "ref.npz"), 10, "cpu")   # stored, not recomputed
     assert np.array_equal(mu, np.ones(3)) and np.array_equal(sigma, np.eye(3))
+
+
+def test_fid_cli_end_to_end_with_random_weights(tmp_path):
+    import hashlib
+    import sample
+    torch.manual_seed(0)
+    raw = tmp_path / "w.pth"
+    torch.save(fid.FIDInception().state_dict(), raw)
+    weights = tmp_path / f"w-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth"
+    raw.rename(weights)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        sample.save_npz(str(tmp_path / f"{name}.npz"), arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    run = lambda *a: subprocess.run([sys.executable, "fid.py", *a, "--inception-weights", str(weights), "--batch-size", "2"],
+                                    cwd=HERE, capture_output=True, text=True, timeout=300)
+    r1 = run(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert "Inception Score" in r1.stdout and "FID" in r1.stdout
+    r2 = run(str(tmp_path / "b.npz"), "--save-stats", str(tmp_path / "b_stats.npz"))
+    r3 = run(str(tmp_path / "a.npz"), str(tmp_path / "b_stats.npz"))    # stored stats: the same FID
+    assert r2.returncode == r3.returncode == 0
+    fid_line = lambda r: [l for l in r.stdout.splitlines() if l.startswith("FID")][0].split()[1]
+    assert fid_line(r1) == fid_line(r3)
+    r4 = run(str(tmp_path / "missing.npz"))
+    assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/missing.npz does not exist"

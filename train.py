@@ -185,6 +185,9 @@ def build_models(args, num_classes, device):
         return model.to(device), deepcopy(model).to(device)
     ckpt = load_checkpoint(args.init)
     cfg = sm.Config(**ckpt["config"])
+    if cfg.sharpmoe and args.sharpmoe == "off":
+        raise UserError(f"--init {args.init} is already a SharpMoE model; the control (--sharpmoe off) "
+                        "starts from the pretrained base checkpoint")
     if (cfg.image_size, cfg.num_classes) != (args.image_size, num_classes):
         raise UserError(f"--init {args.init} is for {cfg.image_size}px images and "
                         f"{cfg.num_classes} classes, the data has {args.image_size}px and "
