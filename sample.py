@@ -228,6 +228,7 @@ def main(args):
             raise train.UserError("the routing report needs an MoE model; this checkpoint is dense")
         n = args.report_images
         if args.real:
+            # the built-in default: held-out shapes (training uses seed 0), the same for every checkpoint
             data = train.ImageFolder(args.data, cfg.image_size) if args.data else train.Shapes(cfg.image_size, n=n, seed=12345)
             if len(data.classes) != cfg.num_classes:
                 raise train.UserError(f"--data has {len(data.classes)} classes, the model {cfg.num_classes}")

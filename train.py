@@ -255,7 +255,7 @@ def main(args):
                         "continue it, or pick another --out")
 
     # 2. data
-    data = ImageFolder(args.data, args.image_size) if args.data else Shapes(args.image_size, args.builtin_size, args.seed)
+    data = ImageFolder(args.data, args.image_size) if args.data else Shapes(args.image_size, args.builtin_size)
     num_classes = len(data.classes)
     sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
