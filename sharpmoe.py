@@ -321,7 +321,9 @@ class MoE(nn.Module):
         return out.view(B, N, D), aux
 
     def dispatch_fixed(self, flat, gates, slots):
-        y = self.experts(flat[slots])                           # (E, C, D) gathered, batched matmul
+        E, C = slots.shape                                      # (index_select, not flat[slots]:
+        x = flat.index_select(0, slots.flatten()).view(E, C, -1)   # its backward is a fast index_add)
+        y = self.experts(x)                                     # (E, C, D), one batched matmul
         w = gates.t().gather(1, slots)                          # (E, C) gate of each slot
         out = torch.zeros_like(flat)
         return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).flatten(0, 1))
@@ -329,7 +331,7 @@ class MoE(nn.Module):
     def dispatch_ragged(self, flat, gates, mask):
         expert, tok = mask.t().nonzero(as_tuple=True)           # (S,) each, sorted by expert
         counts = mask.sum(0)                                    # (E,) tokens per expert
-        y = self.experts.ragged(flat[tok], counts)              # (S, D)
+        y = self.experts.ragged(flat.index_select(0, tok), counts)   # (S, D)
         out = torch.zeros_like(flat)
         return out.index_add_(0, tok, y * gates[tok, expert].unsqueeze(-1))
 
