@@ -14,12 +14,14 @@ What is here, top to bottom:
   - SharpMoE part 1, the dual router: logits S = R_pre(h_t) + R_sal(features of x0_hat)
   - SharpMoE part 2, the recursive trajectory step (T steps of one trajectory, x0_hat chained)
   - SharpMoE part 3, the trajectory routing loss KL(softmax(A) || softmax(M)) against the
-    Laplacian saliency M of the clean image.
+    Laplacian saliency M of the clean image
+  - the Euler sampler with classifier-free guidance and x0_hat carried into the router, and the
+    routing probe (expert count against saliency, per denoising step).
 
 Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
 clean estimate x0_hat = x_t - t v.
 
-Choices that are ours, not the paper's (see ../shared/METHOD.md):
+Choices that are ours where the paper gives none:
   - R_sal's input is the model's own patch embedding (+ position embedding) of x0_hat, computed
     once per forward and shared by all MoE layers; its hidden width is `sal_hidden`.
   - Trajectory timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal bins below.
@@ -262,7 +264,7 @@ class Experts(nn.Module):
 
 
 class SaliencyRouter(nn.Module):
-    """R_sal (paper Sec. 3): a two-layer SiLU MLP on clean-image token features.
+    """R_sal (SharpMoE part 1, the dual router): a two-layer SiLU MLP on clean token features.
     FOOTGUN: only the OUTPUT layer starts at zero. With both at zero, SiLU(0) = 0 and no gradient
     ever reaches either layer; with the output at zero the model starts exactly as pretrained."""
 
@@ -503,7 +505,7 @@ def trajectory_timesteps(T, n, device):
 
 
 def laplacian_saliency(x0, patch_size):
-    """M (paper Sec. 3.3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
+    """M (SharpMoE part 3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
     Replicate padding, so a flat image has zero saliency everywhere, borders included."""
     B, C, H, W = x0.shape
     k = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=x0.device, dtype=x0.dtype)
@@ -528,7 +530,7 @@ def routing_loss(A, M, temp=1.0):
 
 
 def unroll(model, x0, y, ts, eps, oracle=False):
-    """Run the model along one noised trajectory (paper Sec. 3.2): every x_t from the same x0
+    """Run the model along one noised trajectory (SharpMoE part 2): every x_t from the same x0
     and eps; step k routes with x0_hat from step k-1 (detached), step 1 with x_{t_1}; `oracle`
     routes with the true x0 instead (an ablation bound). Yields (t, x_t, v, aux) per step."""
     x0_hat = None
@@ -564,7 +566,7 @@ def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
 
 def guided_velocity(model, x, t, y, x0_hat, cfg_scale):
     """v = v_u + s (v_c - v_u); s = 1 is one conditional pass. Both halves route with the same
-    x0_hat (paper Sec. 3.1). FOOTGUN: the unconditional label is the null class num_classes."""
+    x0_hat (SharpMoE part 1). FOOTGUN: the unconditional label is the null class num_classes."""
     if cfg_scale == 1.0:
         return model(x, t, y, x0_hat=x0_hat)[0]
     null = torch.full_like(y, model.cfg.num_classes)
