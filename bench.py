@@ -5,8 +5,8 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
    expert per token on average), forward + backward, at two sizes, as time ratios.
 2. Training images/s per router for the `cpu` preset (forward, backward, AdamW step).
 3. One SharpMoE post-training iteration (T steps of one trajectory) against one ordinary
-   training iteration at the same batch: time and activation memory (bytes autograd saves for
-   backward; on a GPU also the peak allocated memory).
+   training iteration at the same batch: time (paired ratio) and activation memory (bytes
+   autograd saves for backward; on a GPU also the peak allocated memory).
 """
 import argparse
 import time
@@ -92,12 +92,14 @@ def post_training_cost(device, batch, reps):
     model = sm.add_saliency_routers(sm.DiT(cfg)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
-    base = timeit(lambda: train_step(model, cfg, x, y, opt), reps)
+    ordinary = lambda: train_step(model, cfg, x, y, opt)
+    base = timeit(ordinary, reps)
     base_mem = saved_bytes(lambda: sm.flow_loss(model, cfg, x, y))
     for T in (4, 10):
-        post = timeit(lambda: train_step(model, cfg, x, y, opt, T), max(2, reps // 2))
+        post = lambda: train_step(model, cfg, x, y, opt, T)
+        ratio = paired_ratio(post, ordinary, max(3, reps // 2))
         mem = saved_bytes(lambda: sm.trajectory_loss(model, cfg, x, y, T=T))
-        print(f"{T:>3} {base * 1e3:>12.1f} {post * 1e3:>9.1f} {post / base:>7.2f} "
+        print(f"{T:>3} {base * 1e3:>12.1f} {base * ratio * 1e3:>9.1f} {ratio:>7.2f} "
               f"{base_mem / 2**20:>8.1f} {mem / 2**20:>13.1f} {mem / base_mem:>9.2f}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
