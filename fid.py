@@ -172,7 +172,8 @@ class FIDInception(nn.Module):
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
         self.fc = nn.Linear(2048, 1008)
 
-    def preprocess(self, images):
+    @staticmethod
+    def preprocess(images):
         """(B, H, W, 3) uint8 -> (B, 3, 299, 299): TF1 bilinear resize, then (x - 128) / 128."""
         x = images.permute(0, 3, 1, 2).double()
         rh, rw = tf_resize_matrix(x.shape[2], 299).to(x.device), tf_resize_matrix(x.shape[3], 299).to(x.device)

@@ -181,6 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--real", action="store_true", help="report on real images (--data, or the built-in shapes)")
     p.add_argument("--data", default=None, help="image folder for --real (default: the built-in shapes)")
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
     return args
 
@@ -194,7 +196,7 @@ def main(args):
 
     # 1. the grid
     if args.grid and rank == 0:
-        noise, y = noise_and_labels(range(args.grid), cfg, args.seed)
+        noise, _ = noise_and_labels(range(args.grid), cfg, args.seed)
         y = torch.arange(args.grid) % cfg.num_classes                # one class per column
         x = sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
         save_grid(to_uint8(x), os.path.join(args.out, "grid.png"), nrow=min(cfg.num_classes, args.grid))

@@ -49,7 +49,7 @@ ROUTERS = ("dense", "tc", "ec", "diffmoe")
 
 @dataclass
 class Config:
-    image_size: int = 32          # input resolution (pixels, or latent size)
+    image_size: int = 32          # input resolution in pixels
     in_channels: int = 3
     patch_size: int = 2
     depth: int = 12
@@ -77,6 +77,11 @@ class Config:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.num_experts == 0:
             self.num_experts = {"dense": 1, "diffmoe": 16}.get(self.router, 8)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and num_experts {self.num_experts}")
+        if self.router in ("ec", "diffmoe") and self.num_tokens * self.top_k < self.num_experts:
+            raise ValueError(f"{self.num_tokens} tokens per image give {self.router} experts no capacity "
+                             f"with {self.num_experts} experts; use fewer experts or more tokens")
         if self.sharpmoe and self.router == "dense":
             raise ValueError("SharpMoE needs a router; the dense model has none")
 
@@ -570,8 +575,7 @@ def guided_velocity(model, x, t, y, x0_hat, cfg_scale):
     if cfg_scale == 1.0:
         return model(x, t, y, x0_hat=x0_hat)[0]
     null = torch.full_like(y, model.cfg.num_classes)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
-              x0_hat=None if x0_hat is None else torch.cat([x0_hat, x0_hat]))[0]
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), x0_hat=torch.cat([x0_hat, x0_hat]))[0]
     v_c, v_u = v.chunk(2)
     return v_u + cfg_scale * (v_c - v_u)
 

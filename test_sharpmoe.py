@@ -231,6 +231,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     fails("unknown preset 'huge'", "--preset", "huge")
     fails("unknown router 'soft'", "--router", "soft")
     fails("fewer than --global-batch-size", "--builtin-size", "4")
+    fails("give ec experts no capacity", "--num-experts", "128")
     train.main(train_args(tmp_path / "ec", "--router", "ec", "--steps", "1"))
     fails(r"another config \(router: 'ec' != 'tc'", "--router", "tc", "--resume", str(tmp_path / "ec" / "last.pt"))
     train.main(train_args(tmp_path / "sharp", "--init", str(tmp_path / "ec" / "last.pt"), "--trajectory-steps", "2", "--steps", "1"))
@@ -543,7 +544,7 @@ def test_tf_bilinear_resize_by_hand():
     down = fid.tf_resize_matrix(4, 2)                           # samples at 0 and 2
     assert torch.equal(down, torch.tensor([[1, 0, 0, 0], [0, 0, 1, 0]], dtype=torch.float64))
     img = torch.tensor([[0, 128], [255, 64]], dtype=torch.uint8).view(1, 2, 2, 1).expand(1, 2, 2, 3)
-    x = fid.FIDInception.preprocess(None, img)                  # (1, 3, 299, 299)
+    x = fid.FIDInception.preprocess(img)                  # (1, 3, 299, 299)
     assert x.shape == (1, 3, 299, 299)
     assert x[0, 0, 0, 0] == (0 - 128) / 128 and x[0, 0, 298, 298] == (64 - 128) / 128
     src = 150 * 2 / 299                                         # output row 150 samples row 1.003
