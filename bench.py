@@ -10,6 +10,7 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
 """
 import argparse
 import time
+from copy import deepcopy
 
 import torch
 
@@ -52,11 +53,16 @@ def layer_ratios(device, reps):
         print(f"{width:>6} {B * N:>7} {timeit(dense, reps) * 1e3:>9.2f} " + " ".join(f"{r:>8.2f}" for r in ratios))
 
 
-def train_step(model, cfg, x, y, opt, T=None):
-    if T is None:
-        loss, aux = sm.flow_loss(model, cfg, x, y)
-    else:
-        loss, aux, _ = sm.trajectory_loss(model, cfg, x, y, T=T)
+def loss_of(model, cfg, x, y, T=1):
+    """One ordinary (T = 1) or post-training (T > 1) loss with fresh noise: (loss, aux)."""
+    noise = sm.training_noise(cfg, x.shape[0], T, device=x.device)
+    if T == 1:
+        return sm.flow_loss(model, cfg, x, y, noise)[:2]
+    return sm.trajectory_loss(model, cfg, x, y, noise)[:2]
+
+
+def train_step(model, cfg, x, y, opt, T=1):
+    loss, aux = loss_of(model, cfg, x, y, T)
     opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
     opt.step()
@@ -88,17 +94,19 @@ def saved_bytes(fn):
 def post_training_cost(device, batch, reps):
     print(f"\n3. SharpMoE post-training iteration / ordinary iteration, preset cpu, ec router, batch {batch}")
     print(f"{'T':>3} {'ordinary ms':>12} {'post ms':>9} {'time x':>7} {'act. MB':>8} {'post act. MB':>13} {'memory x':>9}")
-    cfg = sm.make_config("cpu", router="ec", num_classes=10)
-    model = sm.add_saliency_routers(sm.DiT(cfg)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    base_cfg = sm.make_config("cpu", router="ec", num_classes=10)
+    base_model = sm.DiT(base_cfg).to(device)
+    model = sm.add_saliency_routers(deepcopy(base_model))
+    cfg = model.cfg
+    base_opt, opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4), torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
-    ordinary = lambda: train_step(model, cfg, x, y, opt)
+    ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt)
     base = timeit(ordinary, reps)
-    base_mem = saved_bytes(lambda: sm.flow_loss(model, cfg, x, y))
+    base_mem = saved_bytes(lambda: loss_of(base_model, base_cfg, x, y))
     for T in (4, 10):
         post = lambda: train_step(model, cfg, x, y, opt, T)
         ratio = paired_ratio(post, ordinary, max(3, reps // 2))
-        mem = saved_bytes(lambda: sm.trajectory_loss(model, cfg, x, y, T=T))
+        mem = saved_bytes(lambda: loss_of(model, cfg, x, y, T))
         print(f"{T:>3} {base * 1e3:>12.1f} {base * ratio * 1e3:>9.1f} {ratio:>7.2f} "
               f"{base_mem / 2**20:>8.1f} {mem / 2**20:>13.1f} {mem / base_mem:>9.2f}")
         if device.type == "cuda":

@@ -30,9 +30,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from train import IMAGE_EXTENSIONS, UserError
-
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, without a traceback. fid.py imports nothing of this
+    project, so train.py and sample.py take this and IMAGE_EXTENSIONS from here."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +224,10 @@ def load_inception(path=None, device="cpu"):
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     net = FIDInception()
+    missing, unexpected = sorted(net.state_dict().keys() - state.keys()), sorted(state.keys() - net.state_dict().keys())
+    if missing or unexpected:
+        raise UserError(f"{path} is not the FID Inception network (missing weights: {', '.join(missing[:3]) or 'none'}; "
+                        f"extra: {', '.join(unexpected[:3]) or 'none'})")
     net.load_state_dict(state)                                  # strict: every key must match
     return net.to(device).eval()
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 pip install -q -r requirements.txt
 OUT=${OUT:-runs/quickstart}
-CPU="--global-batch-size 32 --lr 3e-4 --num-workers 1 --log-every 100"
+CPU="--global-batch-size 32 --lr 3e-4 --grad-clip 1 --num-workers 1 --log-every 100"
 POST_STEPS=${POST_STEPS:-100}
 T=${T:-10}
 

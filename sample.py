@@ -29,8 +29,8 @@ def load_model(path, weights, device):
     ckpt = train.load_checkpoint(path)
     if weights not in ckpt:
         raise train.UserError(f"checkpoint {path} has no {weights!r} weights")
-    model = sm.DiT(sm.Config(**ckpt["config"]))
-    model.load_state_dict(ckpt[weights])
+    model = sm.DiT(train.checkpoint_config(ckpt, path))
+    train.load_weights(model, ckpt[weights], path)
     return model.to(device).eval()
 
 
@@ -78,12 +78,12 @@ FIGURE_T = (0.95, 0.75, 0.5, 0.25, 0.05)                             # count map
 
 def rollout_counts(model, noise, y, steps, cfg_scale):
     """Generate, recording each token's expert count per step (conditional half, summed over
-    MoE layers). Returns images (B, C, H, W), ts (S,), counts (S, B, N)."""
-    B, counts, ts = noise.shape[0], [], []
-    for t, x, v in sm.euler_steps(model, noise, y, steps, cfg_scale):
-        counts.append(model.expert_count()[:B].cpu())
+    MoE layers). Returns images (B, C, H, W), ts (steps,), counts (steps, B, N)."""
+    x, counts, ts = noise, [], []
+    for t, x, routes in sm.euler_steps(model, noise, y, steps, cfg_scale):
+        counts.append(sm.expert_count(routes).cpu())
         ts.append(float(t[0]))
-    return x - t.view(-1, 1, 1, 1) * v, torch.tensor(ts), torch.stack(counts)
+    return x.clamp(-1, 1), torch.tensor(ts), torch.stack(counts)
 
 
 @torch.no_grad()
@@ -92,7 +92,8 @@ def real_counts(model, x0, y, steps, seed):
     step), x0_hat chained from the model's own v, conditional labels."""
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
     ts = torch.linspace(1, 0, steps + 1, device=x0.device)[:-1]
-    counts = [model.expert_count().cpu() for _ in sm.unroll(model, x0, y, ts[:, None].expand(-1, x0.shape[0]), eps)]
+    steps = sm.unroll(model, x0, y, ts[:, None].expand(-1, x0.shape[0]), eps)
+    counts = [sm.expert_count(routes).cpu() for *_, routes in steps]
     return ts.cpu(), torch.stack(counts)
 
 

@@ -19,15 +19,17 @@ What is here, top to bottom:
     routing probe (expert count against saliency, per denoising step).
 
 Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
-clean estimate x0_hat = x_t - t v.
+clean estimate x0_hat = x_t - t v. Symbols: B images of N tokens of width D; E experts; S the
+routing logits (B, N, E) and gates = softmax_E(S); mask the selection (B, N, E); C an expert's
+capacity; A the routed mass and M the saliency (B, N), as in the paper.
 
 Choices that are ours where the paper gives none:
   - R_sal's input is the model's own patch embedding (+ position embedding) of x0_hat, computed
     once per forward and shared by all MoE layers; its hidden width is `sal_hidden`.
   - Trajectory timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal bins below.
   - Routing loss: A and M are standardized per image (zero mean, unit std) and divided by a
-    temperature `routing_temp` before the softmax; raw Laplacian magnitudes give an almost
-    uniform softmax.
+    temperature (`temp`) before the softmax; raw Laplacian magnitudes give an almost uniform
+    softmax.
   - Experts use the exact GELU (DiT uses the tanh approximation, several times slower on CPU).
   - DiffMoE's thresholds start at 0 (its capacity predictor, Linear(D, D)-SiLU-Linear(D, E), is
     as in DiffMoE's code).
@@ -56,16 +58,15 @@ class Config:
     width: int = 384              # hidden size D
     heads: int = 6
     mlp_ratio: float = 4.0
-    num_classes: int = 1000       # label num_classes is the CFG null class
+    num_classes: int = 1000       # FOOTGUN: label num_classes (one past the last) is the CFG null class
     class_dropout: float = 0.1    # label dropout for classifier-free guidance
-    router: str = "ec"            # one of ROUTERS
+    router: str = "ec"            # the routing rule, one of ROUTERS (the layers' R_pre is `pre_router`)
     num_experts: int = 0          # 0: the paper's choice, 16 for diffmoe and 8 for tc / ec
     top_k: int = 1                # experts per token on average (paper: about 1)
     moe_every: int = 2            # an MoE layer in every moe_every-th block (paper: every other)
     threshold_decay: float = 0.95  # DiffMoE: EMA of the per-expert thresholds
     sharpmoe: bool = False        # the model has the saliency routers R_sal
     sal_hidden: int = 64          # R_sal hidden width (our choice)
-    routing_temp: float = 1.0     # temperature of the routing loss softmaxes (our choice)
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -151,13 +152,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
-def drop_labels(y, p, num_classes):
-    """Classifier-free guidance training: replace labels by the null class with probability p.
-    FOOTGUN: the null class is the extra index num_classes, not 0 (0 is a real class)."""
-    drop = torch.rand(y.shape, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, num_classes), y)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -196,15 +190,15 @@ class MLP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Routers and experts
 #
-# Every router turns gates (M, E) over the M = B * N tokens of the batch into a selection mask
-# (M, E). Fixed capacity (ec; diffmoe in training) also gives `slots` (E, C): the token indices
-# each expert processes, so that all experts run as one batched matmul. Variable counts (tc;
-# diffmoe at inference) sort the tokens by expert and run one grouped matmul.
+# Every router turns gates (B*N, E), a softmax over experts for each of the batch's B*N tokens,
+# into a selection mask (B*N, E). Fixed capacity (ec; diffmoe in training) also gives `slots`
+# (E, C): the token indices each expert processes, so that all experts run as one batched matmul.
+# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one grouped matmul.
 
 def expert_choice_in_image(gates, B, capacity):
     """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
-    M, E = gates.shape
-    N = M // B
+    BN, E = gates.shape
+    N = BN // B
     idx = gates.view(B, N, E).topk(capacity, dim=1).indices     # (B, C, E) token of image b
     idx = idx + N * torch.arange(B, device=gates.device).view(B, 1, 1)
     return idx.permute(2, 0, 1).reshape(E, B * capacity)        # (E, B*C) flat token indices
@@ -217,24 +211,24 @@ def expert_choice_in_pool(gates, capacity):
 
 def token_choice(gates, k):
     """TC-DiT: each token takes its top-k experts."""
-    top = gates.topk(k, dim=1).indices                          # (M, k)
+    top = gates.topk(k, dim=1).indices                          # (B*N, k)
     return torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top, True)
 
 
-def threshold_choice(gates, scores, thresholds):
+def threshold_choice(gates, cap_scores, thresholds):
     """DiffMoE inference: expert e takes as many tokens as have a capacity-predictor score above
-    its threshold, and picks which ones by router gate. scores: (M, E) sigmoid probabilities."""
-    n = (scores > thresholds).sum(0)                            # (E,) tokens per expert
-    order = gates.t().argsort(dim=1, descending=True)           # (E, M) tokens by gate
+    its threshold, and picks which ones by router gate. cap_scores: (B*N, E) sigmoid probabilities."""
+    n = (cap_scores > thresholds).sum(0)                        # (E,) tokens per expert
+    order = gates.t().argsort(dim=1, descending=True)           # (E, B*N) tokens by gate
     rank = torch.arange(gates.shape[0], device=gates.device)
-    keep = rank[None] < n[:, None]                              # (E, M) first n[e] in order
-    mask = torch.zeros_like(keep).scatter_(1, order, keep)      # (E, M)
-    return mask.t()                                             # (M, E)
+    keep = rank[None] < n[:, None]                              # (E, B*N) first n[e] in order
+    mask = torch.zeros_like(keep).scatter_(1, order, keep)      # (E, B*N)
+    return mask.t()                                             # (B*N, E)
 
 
-def slots_to_mask(slots, M):
-    mask = torch.zeros(slots.shape[0], M, dtype=torch.bool, device=slots.device)
-    return mask.scatter_(1, slots, True).t()                    # (E, C) -> (M, E)
+def slots_to_mask(slots, BN):
+    mask = torch.zeros(slots.shape[0], BN, dtype=torch.bool, device=slots.device)
+    return mask.scatter_(1, slots, True).t()                    # (E, C) -> (B*N, E)
 
 
 class Experts(nn.Module):
@@ -253,9 +247,9 @@ class Experts(nn.Module):
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
     def ragged(self, x, counts):
-        """Variable counts: x (S, D) sorted by expert, counts (E,) -> (S, D). One grouped
-        matmul on the CPU; elsewhere a loop over experts (grouped_mm's GPU kernels want bf16
-        and aligned shapes)."""
+        """Variable counts: x (P, D), P (token, expert) pairs sorted by expert, counts (E,) ->
+        (P, D). One grouped matmul on the CPU; elsewhere a loop over experts (grouped_mm's GPU
+        kernels want bf16 and aligned shapes)."""
         if x.device.type != "cpu":
             return self.ragged_loop(x, counts)
         offs = counts.cumsum(0).int()
@@ -269,7 +263,7 @@ class Experts(nn.Module):
 
 
 class SaliencyRouter(nn.Module):
-    """R_sal (SharpMoE part 1, the dual router): a two-layer SiLU MLP on clean token features.
+    """R_sal (SharpMoE part 1, the dual router): a two-layer SiLU MLP on the tokens of x0_hat.
     FOOTGUN: only the OUTPUT layer starts at zero. With both at zero, SiLU(0) = 0 and no gradient
     ever reaches either layer; with the output at zero the model starts exactly as pretrained."""
 
@@ -279,53 +273,52 @@ class SaliencyRouter(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, clean):
-        return self.fc2(F.silu(self.fc1(clean)))                # (B, N, D) -> (B, N, E)
+    def forward(self, x0_hat_emb):
+        return self.fc2(F.silu(self.fc1(x0_hat_emb)))           # (B, N, D) -> (B, N, E)
 
 
 class MoE(nn.Module):
-    """An MoE FFN. After each forward, `self.last` holds what it did: the selection `mask`
-    (B, N, E), the `gates` (B, N, E, softmax over experts) and the per-token expert `count`."""
+    """An MoE FFN: routing logits S = R_pre(h) [+ R_sal(x0_hat_emb)], gates = softmax_E(S), a
+    selection by the configured rule, and the selected experts' outputs weighted by their gates.
+    forward returns (out, aux, (gates, mask)): the gates and selection are what the routing loss
+    and the expert counts are made of, each (B, N, E)."""
 
     def __init__(self, cfg):
         super().__init__()
         D, E = cfg.width, cfg.num_experts
-        self.kind, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
-        self.router = nn.Linear(D, E, bias=False)               # R_pre
-        self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None
+        self.rule, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
+        self.pre_router = nn.Linear(D, E, bias=False)           # R_pre
+        self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None   # R_sal
         self.experts = Experts(E, D, int(D * cfg.mlp_ratio))
-        if self.kind == "diffmoe":                              # DiffMoE's capacity predictor
+        if self.rule == "diffmoe":                              # DiffMoE's capacity predictor
             self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
             self.register_buffer("thresholds", torch.zeros(E))
-        self.last = {}
 
-    def forward(self, x, clean=None):
+    def forward(self, x, x0_hat_emb=None):
         B, N, D = x.shape
-        logits = self.router(x)                                 # (B, N, E)
-        if self.sal_router is not None and clean is not None:
-            logits = logits + self.sal_router(clean)            # S = R_pre(h_t) + R_sal(x0_hat)
-        gates = logits.softmax(-1).view(B * N, self.E)          # (M, E)
+        S = self.pre_router(x)                                  # (B, N, E)
+        if self.sal_router is not None:
+            S = S + self.sal_router(x0_hat_emb)                 # S = R_pre(h_t) + R_sal(x0_hat)
+        gates = S.softmax(-1).view(B * N, self.E)               # (B*N, E)
         flat = x.reshape(B * N, D)
         slots, aux = None, x.new_zeros(())
-        if self.kind == "ec":
+        if self.rule == "ec":
             slots = expert_choice_in_image(gates, B, N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
-        elif self.kind == "tc":
+        elif self.rule == "tc":
             mask = token_choice(gates, self.k)
         elif self.training:                                     # diffmoe, fixed capacity
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
             aux = self.train_capacity_predictor(flat, mask)
         else:                                                   # diffmoe, dynamic capacity
-            scores = self.capacity_predictor(flat).sigmoid()
-            mask = threshold_choice(gates, scores, self.thresholds)
+            cap_scores = self.capacity_predictor(flat).sigmoid()
+            mask = threshold_choice(gates, cap_scores, self.thresholds)
         if slots is not None:
             out = self.dispatch_fixed(flat, gates, slots)
         else:
             out = self.dispatch_ragged(flat, gates, mask)
-        self.last = dict(mask=mask.view(B, N, self.E), gates=gates.view(B, N, self.E),
-                         count=mask.view(B, N, self.E).sum(-1))
-        return out.view(B, N, D), aux
+        return out.view(B, N, D), aux, (gates.view(B, N, self.E), mask.view(B, N, self.E))
 
     def dispatch_fixed(self, flat, gates, slots):
         E, C = slots.shape                                      # (index_select, not flat[slots]:
@@ -336,24 +329,25 @@ class MoE(nn.Module):
         return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).flatten(0, 1))
 
     def dispatch_ragged(self, flat, gates, mask):
-        expert, tok = mask.t().nonzero(as_tuple=True)           # (S,) each, sorted by expert
+        expert, tok = mask.t().nonzero(as_tuple=True)           # (P,) each, sorted by expert
         counts = mask.sum(0)                                    # (E,) tokens per expert
-        y = self.experts.ragged(flat.index_select(0, tok), counts)   # (S, D)
+        y = self.experts.ragged(flat.index_select(0, tok), counts)   # (P, D)
         out = torch.zeros_like(flat)
         return out.index_add_(0, tok, y * gates[tok, expert].unsqueeze(-1))
 
     def train_capacity_predictor(self, flat, mask):
         """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
         track, by EMA, the C-th highest predictor score of each expert, averaged across ranks."""
-        logits = self.capacity_predictor(flat.detach())         # (M, E)
+        cap_logits = self.capacity_predictor(flat.detach())     # (B*N, E)
         with torch.no_grad():
             C = int(mask[:, 0].sum())
-            kth = logits.sigmoid().t().topk(C, dim=1).values[:, -1]   # (E,)
+            kth = cap_logits.sigmoid().t().topk(C, dim=1).values[:, -1].contiguous()   # (E,)
+            # (all_reduce needs it contiguous: on the strided view the ranks' thresholds drifted apart)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(kth)
                 kth /= dist.get_world_size()
             self.thresholds.lerp_(kth.float(), 1 - self.decay)
-        return F.binary_cross_entropy_with_logits(logits, mask.float())
+        return F.binary_cross_entropy_with_logits(cap_logits, mask.float())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,12 +365,15 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if moe else MLP(D, int(D * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x, c, clean=None):
+    def forward(self, x, c, x0_hat_emb=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         h = modulate(self.norm2(x), shift2, scale2)
-        h, aux = self.ffn(h, clean) if isinstance(self.ffn, MoE) else (self.ffn(h), 0.0)
-        return x + gate2.unsqueeze(1) * h, aux
+        if isinstance(self.ffn, MoE):
+            h, aux, route = self.ffn(h, x0_hat_emb)
+        else:
+            h, aux, route = self.ffn(h), 0.0, None
+        return x + gate2.unsqueeze(1) * h, aux, route
 
 
 class FinalLayer(nn.Module):
@@ -435,35 +432,31 @@ class DiT(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
     def unpatchify(self, x):
-        p, C = self.cfg.patch_size, self.cfg.in_channels
+        p, ch = self.cfg.patch_size, self.cfg.in_channels
         B, N, _ = x.shape
         g = int(N ** 0.5)
-        x = x.view(B, g, g, p, p, C)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
+        x = x.view(B, g, g, p, p, ch)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, ch, g * p, g * p)
 
     def forward(self, x, t, y, x0_hat=None):
-        """x: (B, C, H, W) noisy input, t: (B,), y: (B,) labels; x0_hat: the clean estimate for
-        R_sal (ignored by a model without R_sal). Returns v (B, C, H, W) and the summed
-        auxiliary loss (DiffMoE's capacity-predictor BCE; 0 otherwise)."""
+        """x: (B, C, H, W) the noisy input x_t, t: (B,), y: (B,) labels. x0_hat: the clean
+        estimate R_sal routes with, required by a SharpMoE model (at the first denoising step,
+        pass x_t itself) and ignored by others. Returns v (B, C, H, W); aux, the summed auxiliary
+        loss (DiffMoE's capacity-predictor BCE, 0 otherwise); and routes, one (gates, mask) per
+        MoE layer, each (B, N, E)."""
         h = self.x_embedder(x) + self.pos_embed                 # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)             # (B, D)
-        clean = None
-        if self.cfg.sharpmoe and x0_hat is not None:            # shared by all MoE layers
-            clean = self.x_embedder(x0_hat) + self.pos_embed    # (B, N, D)
-        aux = 0.0
+        x0_hat_emb = None
+        if self.cfg.sharpmoe:                                   # once, shared by all MoE layers
+            if x0_hat is None:
+                raise ValueError("a SharpMoE model routes with x0_hat; pass it (x_t itself at the first step)")
+            x0_hat_emb = self.x_embedder(x0_hat) + self.pos_embed   # (B, N, D)
+        aux, routes = 0.0, []
         for block in self.blocks:
-            h, a = block(h, c, clean)
+            h, a, route = block(h, c, x0_hat_emb)
             aux = aux + a
-        return self.unpatchify(self.final_layer(h, c)), aux
-
-    def expert_count(self):
-        """(B, N): experts each token received in the last forward, summed over MoE layers."""
-        return sum(layer.last["count"] for layer in self.moe_layers())
-
-    def routed_mass(self):
-        """(B, N): selection-masked gate mass of the last forward, summed over layers and experts
-        (differentiable through the gates)."""
-        return sum((layer.last["mask"] * layer.last["gates"]).sum(-1) for layer in self.moe_layers())
+            routes += [route] if route is not None else []
+        return self.unpatchify(self.final_layer(h, c)), aux, routes
 
 
 def add_saliency_routers(model):
@@ -478,12 +471,48 @@ def add_saliency_routers(model):
     return model
 
 
+def expert_count(routes):
+    """(B, N): how many experts each token received, summed over the MoE layers."""
+    return sum(mask.sum(-1) for _, mask in routes)
+
+
+def routed_mass(routes):
+    """The paper's A for one step, (B, N), differentiable through the gates:
+    A_i = sum over MoE layers l and experts e of 1[token i selected by e] * gates_l(e, i)."""
+    return sum((mask * gates).sum(-1) for gates, mask in routes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses: rectified flow, the SharpMoE trajectory, saliency and the routing loss
 
-def sample_t(n, device, logit_normal=False):
-    """Training timesteps: uniform in [0, 1], or logit-normal (SD3) concentrating mid-range."""
-    return torch.randn(n, device=device).sigmoid() if logit_normal else torch.rand(n, device=device)
+def trajectory_timesteps(T, B, generator=None, device="cpu"):
+    """(T, B) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
+    bins of [0, 0.999) from the top (our choice; the paper gives only t_1)."""
+    t1 = 0.999
+    width = t1 / (T - 1)
+    top = t1 - width * torch.arange(T - 1, device=device)       # upper edge of each bin
+    rest = top[:, None] - width * torch.rand(T - 1, B, generator=generator, device=device)
+    return torch.cat([torch.full((1, B), t1, device=device), rest], 0)
+
+
+def training_noise(cfg, B, T=1, generator=None, device="cpu", logit_normal=False):
+    """Everything random in one training iteration, drawn at once: timesteps ts (T, B) (T = 1:
+    one-step training, uniform or SD3's logit-normal; T > 1: one SharpMoE trajectory), the noise
+    eps (B, C, H, W) that all T steps share, and the CFG label drop (B,), one per trajectory."""
+    kw = dict(generator=generator, device=device)
+    if T > 1:
+        ts = trajectory_timesteps(T, B, **kw)
+    else:
+        ts = torch.randn(1, B, **kw).sigmoid() if logit_normal else torch.rand(1, B, **kw)
+    eps = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, **kw)
+    drop = torch.rand(B, **kw) < cfg.class_dropout
+    return ts, eps, drop
+
+
+def drop_labels(y, drop, num_classes):
+    """Classifier-free guidance training: labels where `drop` is set become the null class.
+    FOOTGUN: the null class is the extra index num_classes, not 0 (0 is a real class)."""
+    return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
 def interpolate(x0, eps, t):
@@ -491,31 +520,21 @@ def interpolate(x0, eps, t):
     return (1 - t) * x0 + t * eps                               # x_t, t = 1 is noise
 
 
-def flow_loss(model, cfg, x0, y, logit_normal=False):
-    """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2."""
-    t = sample_t(x0.shape[0], x0.device, logit_normal)
-    eps = torch.randn_like(x0)
-    v, aux = model(interpolate(x0, eps, t), t, drop_labels(y, cfg.class_dropout, cfg.num_classes))
-    return F.mse_loss(v.float(), eps - x0), aux
-
-
-def trajectory_timesteps(T, n, device):
-    """(T, n) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
-    bins of [0, 0.999) from the top (our choice; the paper gives only t_1)."""
-    t1 = 0.999
-    width = t1 / max(T - 1, 1)
-    top = t1 - width * torch.arange(T - 1, device=device)       # upper edge of each bin
-    rest = top[:, None] - width * torch.rand(T - 1, n, device=device)
-    return torch.cat([torch.full((1, n), t1, device=device), rest], 0)
+def flow_loss(model, cfg, x0, y, noise):
+    """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2, with noise from
+    training_noise(cfg, B). Returns (loss, aux, routes)."""
+    ts, eps, drop = noise
+    v, aux, routes = model(interpolate(x0, eps, ts[0]), ts[0], drop_labels(y, drop, cfg.num_classes))
+    return F.mse_loss(v.float(), eps - x0), aux, routes
 
 
 def laplacian_saliency(x0, patch_size):
     """M (SharpMoE part 3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
     Replicate padding, so a flat image has zero saliency everywhere, borders included."""
-    B, C, H, W = x0.shape
+    B, ch, H, W = x0.shape
     k = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=x0.device, dtype=x0.dtype)
-    x = F.pad(x0.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="replicate")
-    lap = F.conv2d(x, k.view(1, 1, 3, 3)).abs().view(B, C, H, W).mean(1, keepdim=True)
+    x = F.pad(x0.reshape(B * ch, 1, H, W), (1, 1, 1, 1), mode="replicate")
+    lap = F.conv2d(x, k.view(1, 1, 3, 3)).abs().view(B, ch, H, W).mean(1, keepdim=True)
     return F.avg_pool2d(lap, patch_size).flatten(1)             # (B, N)
 
 
@@ -536,33 +555,33 @@ def routing_loss(A, M, temp=1.0):
 
 def unroll(model, x0, y, ts, eps, oracle=False):
     """Run the model along one noised trajectory (SharpMoE part 2): every x_t from the same x0
-    and eps; step k routes with x0_hat from step k-1 (detached), step 1 with x_{t_1}; `oracle`
-    routes with the true x0 instead (an ablation bound). Yields (t, x_t, v, aux) per step."""
-    x0_hat = None
+    and eps; step k routes with x0_hat from step k-1 (detached), step 1 with x_{t_1} itself.
+    `oracle` routes with the true x0 instead (an ablation bound). Yields (t, x_t, v, aux, routes)."""
+    x0_hat = interpolate(x0, eps, ts[0])                        # step 1: no previous estimate
     for t in ts:                                                # ts: (T, B), descending
         xt = interpolate(x0, eps, t)
-        x0_hat = x0 if oracle else (xt if x0_hat is None else x0_hat)
-        v, aux = model(xt, t, y, x0_hat=x0_hat)
-        yield t, xt, v, aux
+        if oracle:
+            x0_hat = x0
+        v, aux, routes = model(xt, t, y, x0_hat=x0_hat)
+        yield t, xt, v, aux, routes
         x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
 
 
-def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
-    """SharpMoE post-training: L_fm (mean over the T steps of one trajectory) + lam * L_routing,
-    with A the routed mass summed over steps, layers and experts (skipped for tc, whose counts
-    are equal). Returns (loss, aux, stats)."""
-    raw = getattr(model, "module", model)                       # unwrap DDP for the MoE layers
-    ts = trajectory_timesteps(T, x0.shape[0], x0.device)
-    eps = torch.randn_like(x0)
-    y = drop_labels(y, cfg.class_dropout, cfg.num_classes)      # one label drop per trajectory
-    fm, aux, mass, counts = 0.0, 0.0, 0.0, []
-    for t, xt, v, a in unroll(model, x0, y, ts, eps, oracle):
+def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, oracle=False):
+    """SharpMoE post-training (parts 2 and 3): L_fm, the mean flow-matching loss over the T steps
+    of one trajectory, + lam * L_routing, the KL between A summed over the steps and the saliency
+    M (skipped for tc, whose counts are all equal). noise: training_noise(cfg, B, T). Returns
+    (loss, aux, stats)."""
+    ts, eps, drop = noise
+    T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
+    fm, aux, A, counts = 0.0, 0.0, 0.0, []
+    for t, xt, v, a, routes in unroll(model, x0, y, ts, eps, oracle):
         fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
-        mass = mass + raw.routed_mass()                         # (B, N)
-        counts.append(raw.expert_count().detach())
-    saliency = laplacian_saliency(x0, cfg.patch_size)
-    L_routing = routing_loss(mass.float(), saliency, cfg.routing_temp) if cfg.router != "tc" else fm * 0
-    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts), saliency=saliency)
+        A = A + routed_mass(routes)                             # (B, N), summed over the steps
+        counts.append(expert_count(routes).detach())
+    M = laplacian_saliency(x0, cfg.patch_size)
+    L_routing = routing_loss(A.float(), M, temp) if cfg.router != "tc" else fm * 0
+    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts), saliency=M)
     return fm + lam * L_routing, aux, stats
 
 
@@ -571,49 +590,44 @@ def trajectory_loss(model, cfg, x0, y, T=10, lam=0.001, oracle=False):
 
 def guided_velocity(model, x, t, y, x0_hat, cfg_scale):
     """v = v_u + s (v_c - v_u); s = 1 is one conditional pass. Both halves route with the same
-    x0_hat (SharpMoE part 1). FOOTGUN: the unconditional label is the null class num_classes."""
+    x0_hat (SharpMoE part 1). Returns v and the routes of the conditional half.
+    FOOTGUN: the unconditional label is the null class num_classes."""
     if cfg_scale == 1.0:
-        return model(x, t, y, x0_hat=x0_hat)[0]
+        v, _, routes = model(x, t, y, x0_hat=x0_hat)
+        return v, routes
     null = torch.full_like(y, model.cfg.num_classes)
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), x0_hat=torch.cat([x0_hat, x0_hat]))[0]
+    v, _, routes = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), x0_hat=torch.cat([x0_hat, x0_hat]))
     v_c, v_u = v.chunk(2)
-    return v_u + cfg_scale * (v_c - v_u)
+    B = x.shape[0]
+    return v_u + cfg_scale * (v_c - v_u), [(gates[:B], mask[:B]) for gates, mask in routes]
 
 
 @torch.no_grad()
 def euler_steps(model, noise, y, steps=250, cfg_scale=1.5):
-    """Yields (t, x_t, v) at each of `steps` Euler steps from t = 1; x after the last step is
-    x + (0 - t) v. x0_hat = x_t - t v of the previous step (guided) feeds R_sal; the first step
-    routes with x_t itself. Call model.eval() first (DiffMoE: dynamic capacity)."""
+    """Euler from t = 1 to 0. Yields (t, x, routes) per step: the step's t (B,), x after the step
+    (at the next t; the image after the last one) and the step's routes. R_sal routes with
+    x0_hat = x_t - t v (guided) of the previous step, the first step with x_t itself. Call
+    model.eval() first (DiffMoE: dynamic capacity)."""
     ts = torch.linspace(1, 0, steps + 1, device=noise.device)
     x, x0_hat = noise, noise
     for t, t_next in zip(ts[:-1], ts[1:]):
         tb = t.expand(x.shape[0])
-        v = guided_velocity(model, x, tb, y, x0_hat, cfg_scale)
-        yield tb, x, v
+        v, routes = guided_velocity(model, x, tb, y, x0_hat, cfg_scale)
         x0_hat = x - t * v
         x = x + (t_next - t) * v
+        yield tb, x, routes
 
 
 def sample(model, noise, y, steps=250, cfg_scale=1.5):
-    """Images in [-1, 1] from noise (B, C, H, W) and labels (B,)."""
-    for t, x, v in euler_steps(model, noise, y, steps, cfg_scale):
-        pass
-    return x - t.view(-1, 1, 1, 1) * v                          # the last step lands on t = 0
+    """Images (B, C, H, W), clamped to [-1, 1], from noise (B, C, H, W) and labels (B,)."""
+    x = noise
+    for _, x, _ in euler_steps(model, noise, y, steps, cfg_scale):
+        pass                                                    # keep the x of the last step
+    return x.clamp(-1, 1)
 
 
-@torch.no_grad()
-def routing_probe(model, x0, y, ts, eps):
-    """Per denoising step, the mean rank correlation between each token's expert count (summed
-    over MoE layers) and its Laplacian saliency, along one noised trajectory with x0_hat chained
-    as in training (the paper's key measurement). ts: (T,) descending. Returns (T,)."""
-    mode, saliency = model.training, laplacian_saliency(x0, model.cfg.patch_size)
-    model.eval()
-    ts = ts.to(x0.device)[:, None].expand(-1, x0.shape[0])
-    corr = [rank_correlation(model.expert_count(), saliency).mean() for _ in unroll(model, x0, y, ts, eps)]
-    model.train(mode)
-    return torch.stack(corr)
-
+# ----------------------------------------------------------------------------------------------
+# Measuring routing: expert count against saliency
 
 def rank_correlation(a, b):
     """Spearman correlation per row of (B, N) tensors (ties get their average rank), (B,).
@@ -626,3 +640,16 @@ def rank_correlation(a, b):
     corr = (ra * rb).sum(-1) / (a.shape[-1] - 1)
     spread = (a.float().std(-1) > 0) & (b.float().std(-1) > 0)
     return torch.where(spread, corr, torch.zeros_like(corr))
+
+
+@torch.no_grad()
+def routing_probe(model, x0, y, ts, eps):
+    """Per denoising step, the mean rank correlation between each token's expert count (summed
+    over MoE layers) and its Laplacian saliency, along one noised trajectory with x0_hat chained
+    as in training (the paper's key measurement). ts: (T,) descending. Returns (T,)."""
+    mode, M = model.training, laplacian_saliency(x0, model.cfg.patch_size)
+    model.eval()
+    ts = ts.to(x0.device)[:, None].expand(-1, x0.shape[0])
+    corr = [rank_correlation(expert_count(routes), M).mean() for *_, routes in unroll(model, x0, y, ts, eps)]
+    model.train(mode)
+    return torch.stack(corr)

@@ -1,22 +1,24 @@
 """
 Pretrain a DiT-MoE, or post-train one with SharpMoE, on the CPU, one GPU, or under torchrun.
 
-    python train.py --preset cpu --router ec --out runs/ec              # pretraining
+    python train.py --preset cpu --router ec --global-batch-size 32 --lr 3e-4 --steps 3000 \
+        --ema 0.999 --out runs/ec                                        # pretraining on a CPU
     python train.py --init runs/ec/last.pt --out runs/ec-sharpmoe       # SharpMoE post-training
     python train.py --init runs/ec/last.pt --sharpmoe off --out runs/ec-control   # its control
     torchrun --nproc_per_node=8 train.py --preset L --router diffmoe --data /imagenet/train
 
-Defaults are the paper's recipe (AdamW lr 1e-4, batch 256, EMA 0.9999, T = 10, lambda = 0.001);
-README gives the small CPU settings. A killed run continues with the same command plus
---resume OUT/last.pt.
+Defaults are the paper's recipe where it gives one (AdamW lr 1e-4, batch 256, EMA 0.9999,
+T = 10, lambda = 0.001, 500K / 100K steps); README gives the small CPU settings. A killed run
+continues with the same command plus --resume OUT/last.pt.
 """
 import argparse
 import itertools
 import os
+import re
 import sys
 import time
 from copy import deepcopy
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -27,13 +29,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import sharpmoe as sm
-
+from fid import IMAGE_EXTENSIONS, UserError                   # fid.py stands alone; they live there
 
 PROBE_T = torch.tensor([0.95, 0.8, 0.5, 0.2])                 # the routing probe's timesteps
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +71,6 @@ class Shapes(Dataset):
                 box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)),
                 ((abs(dx) < f * r) | (abs(dy) < f * r)) & box, abs(dx) + abs(dy) < r,
                 ((dx - r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2)][y]
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
 
 
 def center_crop(img, size):
@@ -160,6 +155,25 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_config(ckpt, path):
+    """The model config stored with the weights (a clear error for another version's checkpoint)."""
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(sm.Config)})
+    if unknown:
+        raise UserError(f"{path} was written by another version of sharpmoe (config fields unknown here: "
+                        f"{', '.join(unknown)}); retrain, or use the version that wrote it")
+    return sm.Config(**ckpt["config"])
+
+
+def load_weights(model, state, path):
+    """load_state_dict, with the mismatching names in one line instead of a traceback."""
+    mine = model.state_dict()
+    bad = sorted(set(mine) ^ set(state)) + [k for k in mine if k in state and mine[k].shape != state[k].shape]
+    if bad:
+        raise UserError(f"{path} does not fit this model (first mismatching weights: {', '.join(bad[:3])}); "
+                        "it was written by another config or another version of sharpmoe")
+    model.load_state_dict(state)
+
+
 def save_checkpoint(path, ckpt):
     """Atomic: a crash mid-write leaves the previous checkpoint intact."""
     tmp = path + ".tmp"
@@ -179,12 +193,14 @@ def build_models(args, num_classes, device):
     """(model, ema). Pretraining: a fresh model from --preset. Post-training: weights and EMA
     from --init, plus zero-initialized R_sal when --sharpmoe on."""
     if args.init is None:
-        cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts,
-                             image_size=args.image_size, num_classes=num_classes)
+        cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts, top_k=args.top_k,
+                             moe_every=args.moe_every, class_dropout=args.class_dropout,
+                             threshold_decay=args.threshold_decay, image_size=args.image_size,
+                             num_classes=num_classes)
         model = sm.DiT(cfg)
         return model.to(device), deepcopy(model).to(device)
     ckpt = load_checkpoint(args.init)
-    cfg = sm.Config(**ckpt["config"])
+    cfg = checkpoint_config(ckpt, args.init)
     if cfg.sharpmoe and args.sharpmoe == "off":
         raise UserError(f"--init {args.init} is already a SharpMoE model; the control (--sharpmoe off) "
                         "starts from the pretrained base checkpoint")
@@ -192,15 +208,42 @@ def build_models(args, num_classes, device):
         raise UserError(f"--init {args.init} is for {cfg.image_size}px images and "
                         f"{cfg.num_classes} classes, the data has {args.image_size}px and "
                         f"{num_classes}; pass the matching --image-size and --data")
-    cfg.sal_hidden, cfg.routing_temp = args.sal_hidden, args.routing_temp
+    cfg.sal_hidden = args.sal_hidden
     model = sm.DiT(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], args.init)
     if args.sharpmoe == "on" and not cfg.sharpmoe:
         sm.add_saliency_routers(model)
     ema = deepcopy(model)                                      # R_sal starts equal in both
     incompatible = ema.load_state_dict(ckpt["ema"], strict=False)
     assert not incompatible.unexpected_keys and all("sal_router" in k for k in incompatible.missing_keys)
     return model.to(device), ema.to(device)
+
+
+def step_noise(args, cfg, T, step, rank, world, device):
+    """The flips and the training noise of one step. Every rank draws them for the whole global
+    batch from the same seed and keeps its own rows (rank r holds the batch's rows r, r + world,
+    ..., as DistributedSampler deals the images), so a run does not depend on the number of ranks
+    and a resumed run draws what the uninterrupted one drew."""
+    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
+    G, rows = args.global_batch_size, slice(rank, None, world)
+    ts, eps, drop = sm.training_noise(cfg, G, T, g, device, args.logit_normal)
+    flip = torch.rand(G, generator=g, device=device) < 0.5
+    return flip[rows], (ts[:, rows], eps[rows], drop[rows])
+
+
+class RoutingProbe:
+    """Fixed images, noise and timesteps, so that every run (pretraining, SharpMoE, controls)
+    reports the same per-step count-saliency correlation in its log. Rank 0 only."""
+
+    def __init__(self, data, device, n=64):
+        images = [data[i] for i in range(min(n, len(data)))]
+        self.x0 = torch.stack([x for x, _ in images]).to(device)
+        self.y = torch.tensor([y for _, y in images], device=device)
+        self.eps = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def __call__(self, model):
+        corr = sm.routing_probe(model, self.x0, self.y, PROBE_T, self.eps)
+        return " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in zip(PROBE_T.tolist(), corr.tolist()))
 
 
 def parse_args(argv=None):
@@ -211,6 +254,10 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="L", help=f"model size, one of {', '.join(sm.PRESETS)} (ignored with --init)")
     p.add_argument("--router", default="ec", help=f"one of {', '.join(sm.ROUTERS)} (ignored with --init)")
     p.add_argument("--num-experts", type=int, default=0, help="experts per MoE layer (0: 16 for diffmoe, 8 otherwise)")
+    p.add_argument("--top-k", type=int, default=1, help="experts per token on average (paper: 1; ignored with --init)")
+    p.add_argument("--moe-every", type=int, default=2, help="an MoE layer in every n-th block (paper: 2; ignored with --init)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for CFG (ignored with --init)")
+    p.add_argument("--threshold-decay", type=float, default=0.95, help="DiffMoE threshold EMA (ignored with --init)")
     p.add_argument("--init", default=None, help="post-train from this pretrained checkpoint (weights and EMA)")
     p.add_argument("--sharpmoe", choices=("on", "off"), default="on",
                    help="with --init: on adds R_sal and trains on trajectories; off is the control (plain continuation)")
@@ -223,7 +270,7 @@ def parse_args(argv=None):
     p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all ranks")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="gradient-norm clipping (0: off, as in DiT; our CPU preset uses 1)")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
     p.add_argument("--logit-normal", action="store_true", help="logit-normal timesteps instead of uniform")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -242,6 +289,7 @@ def parse_args(argv=None):
 # Main
 
 def main(args):
+    """Train; returns the (unwrapped) model and its EMA."""
     # 1. setup
     rank, world, device = setup_distributed()
     if args.global_batch_size % world:
@@ -277,19 +325,20 @@ def main(args):
     step = 0
     if resume_path:
         ckpt = load_checkpoint(resume_path)
-        diff = sm.config_diff(sm.Config(**ckpt["config"]), cfg)
+        diff = sm.config_diff(checkpoint_config(ckpt, resume_path), cfg)
         if diff:
             raise UserError(f"--resume {resume_path} is a checkpoint of another config ({'; '.join(diff)}); "
                             "rerun the command that made it, or start a new --out")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        load_weights(model, ckpt["model"], resume_path)
+        load_weights(ema, ckpt["ema"], resume_path)
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-    raw = model                                                # unwrapped: state_dict, EMA, stats
+    raw = model                                                # unwrapped: state_dict, EMA, probe
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     n_moe = len(raw.moe_layers())
+    T = args.trajectory_steps if post else 1
 
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "log.txt"), "a") if rank == 0 else None
@@ -305,35 +354,28 @@ def main(args):
         f"{cfg.router} router, {n_params / 1e6:.2f}M parameters, {len(data)} images, {num_classes} classes, "
         f"world {world}, device {device}, step {step} of {args.steps}")
 
-    # 4. training loop. The probe: fixed images, noise and timesteps, so that every run (pretraining,
-    # SharpMoE, controls) reports the same per-step count-saliency correlation.
-    probe = [data[i] for i in range(min(64, len(data)))]
-    probe_x = torch.stack([x for x, _ in probe]).to(device)
-    probe_y = torch.tensor([y for _, y in probe], device=device)
-    probe_eps = torch.randn(probe_x.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    probe_line = lambda: " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in
-                                  zip(PROBE_T.tolist(), sm.routing_probe(raw, probe_x, probe_y, PROBE_T, probe_eps).tolist()))
-    if n_moe:
-        log(f"step {step:7d}  probe {probe_line()}  (before training)")
-    sums, seen, t0 = torch.zeros(6, device=device), 0, time.time()   # fm, aux, routing, count, corr, n
+    # 4. training loop
+    probe = RoutingProbe(data, device) if n_moe and rank == 0 else None
+    if probe:
+        log(f"step {step:7d}  probe {probe(raw)}  (before training)")
+    sums, seen, t0 = {}, 0, time.time()                        # running sums of the logged statistics
     data_iter = batches(loader, step, steps_per_epoch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
         while step < args.steps:
             x0, y = next(data_iter)
-            torch.manual_seed((args.seed * 1_000_003 + step) * world + rank)   # exact resume
+            flip, noise = step_noise(args, cfg, T, step, rank, world, device)
             x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)           # random h-flip
             with autocast:
                 if post:
-                    loss, aux, stats = sm.trajectory_loss(model, cfg, x0, y, args.trajectory_steps,
-                                                          args.routing_weight, args.oracle)
+                    loss, aux, stats = sm.trajectory_loss(model, cfg, x0, y, noise, args.routing_weight,
+                                                          args.routing_temp, args.oracle)
                     fm, routing, counts = stats["fm"], stats["routing"], stats["counts"]  # (T, B, N)
                 else:
-                    loss, aux = sm.flow_loss(model, cfg, x0, y, args.logit_normal)
+                    loss, aux, routes = sm.flow_loss(model, cfg, x0, y, noise)
                     fm, routing = loss.detach(), torch.zeros((), device=device)
-                    counts = raw.expert_count()[None] if n_moe else None
+                    counts = sm.expert_count(routes)[None] if n_moe else None
             opt.zero_grad(set_to_none=True)
             (loss + aux).backward()
             if args.grad_clip > 0:
@@ -342,29 +384,29 @@ def main(args):
             update_ema(ema, raw, args.ema)
             step += 1
             seen += x0.shape[0]
+            stats = dict(loss_fm=fm.float(), aux=torch.as_tensor(aux, device=device).float().detach(),
+                         loss_routing=routing.float(), n=torch.ones((), device=device))
             if counts is not None:
                 saliency = sm.laplacian_saliency(x0.float(), cfg.patch_size)
-                corr = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
-                experts = counts.float().mean() / n_moe
-            else:
-                corr = experts = torch.zeros((), device=device)
-            sums += torch.stack([fm.float(), torch.as_tensor(aux, device=device).float().detach(),
-                                 routing.float(), experts, corr, torch.ones((), device=device)])
+                stats["experts/token"] = counts.float().mean() / n_moe
+                stats["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
+            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             pbar.update(1)
             if step % args.log_every == 0 or step == args.steps:
+                totals = torch.stack(list(sums.values()))              # the same key order on every rank
                 if world > 1:
-                    dist.all_reduce(sums)
-                fm_, aux_, rt_, ex_, corr_, n = (sums / sums[-1]).tolist()
-                rate = seen * world / (time.time() - t0)
-                msg = f"step {step:7d}  loss_fm {fm_:.4f}  aux {aux_:.4f}"
+                    dist.all_reduce(totals)
+                mean = dict(zip(sums, (totals / totals[list(sums).index("n")]).tolist()))
+                msg = f"step {step:7d}  loss_fm {mean['loss_fm']:.4f}  aux {mean['aux']:.4f}"
                 if post:
-                    msg += f"  loss_routing {rt_:.4f}"
+                    msg += f"  loss_routing {mean['loss_routing']:.4f}"
                 if n_moe:
-                    msg += f"  experts/token {ex_:.3f}  corr(count,saliency) batch {corr_:+.3f} probe {probe_line()}"
-                log(msg + f"  img/s {rate:.1f}")
-                pbar.set_postfix(loss=f"{fm_:.4f}")
-                sums.zero_()
-                seen, t0 = 0, time.time()
+                    msg += f"  experts/token {mean['experts/token']:.3f}  corr(count,saliency) batch {mean['corr']:+.3f}"
+                if probe:
+                    msg += f" probe {probe(raw)}"
+                log(msg + f"  img/s {seen * world / (time.time() - t0):.1f}")
+                pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
+                sums, seen, t0 = {}, 0, time.time()
             if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
                 save_checkpoint(os.path.join(args.out, "last.pt"),
                                 dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
@@ -373,11 +415,12 @@ def main(args):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return raw, ema
 
 
 def last_line(e):
     """A DataLoader worker re-raises our error with its traceback inside the message."""
-    return str(e).strip().splitlines()[-1].removeprefix("train.UserError: ").removeprefix("UserError: ")
+    return re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
