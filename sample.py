@@ -26,12 +26,13 @@ import train
 
 
 def load_model(path, weights, device):
+    """(model in eval mode, the train.py arguments that made it)."""
     ckpt = train.load_checkpoint(path)
     if weights not in ckpt:
         raise train.UserError(f"checkpoint {path} has no {weights!r} weights")
     model = sm.DiT(train.checkpoint_config(ckpt, path))
     train.load_weights(model, ckpt[weights], path)
-    return model.to(device).eval()
+    return model.to(device).eval(), ckpt.get("args", {})
 
 
 def to_uint8(x):
@@ -179,8 +180,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per forward, per rank")
     p.add_argument("--report", action="store_true", help="write the routing-versus-saliency report")
     p.add_argument("--report-images", type=int, default=32, help="images in the routing report")
-    p.add_argument("--real", action="store_true", help="report on real images (--data, or the built-in shapes)")
-    p.add_argument("--data", default=None, help="image folder for --real (default: the built-in shapes)")
+    p.add_argument("--real", action="store_true", help="report on real images (--data, or held-out built-in images)")
+    p.add_argument("--data", default=None, help="image folder for --real (default: the held-out range of the "
+                   "checkpoint's built-in data)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -190,7 +192,7 @@ def parse_args(argv=None):
 
 def main(args):
     rank, world, device = train.setup_distributed()
-    model = load_model(args.ckpt, args.weights, device)
+    model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
     os.makedirs(args.out, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -231,8 +233,9 @@ def main(args):
             raise train.UserError("the routing report needs an MoE model; this checkpoint is dense")
         n = args.report_images
         if args.real:
-            # the built-in default: held-out shapes (training uses seed 0), the same for every checkpoint
-            data = train.ImageFolder(args.data, cfg.image_size) if args.data else train.Shapes(cfg.image_size, n=n, seed=12345)
+            # the built-in default: held-out images of the data the checkpoint was trained on
+            builtin = train.BUILTIN[train_args.get("builtin", "shapes")]
+            data = train.ImageFolder(args.data, cfg.image_size) if args.data else builtin(cfg.image_size, n, start=train.HELD_OUT)
             if len(data.classes) != cfg.num_classes:
                 raise train.UserError(f"--data has {len(data.classes)} classes, the model {cfg.num_classes}")
             x0 = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)

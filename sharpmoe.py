@@ -476,10 +476,33 @@ def expert_count(routes):
     return sum(mask.sum(-1) for _, mask in routes)
 
 
-def routed_mass(routes):
-    """The paper's A for one step, (B, N), differentiable through the gates:
-    A_i = sum over MoE layers l and experts e of 1[token i selected by e] * gates_l(e, i)."""
-    return sum((mask * gates).sum(-1) for gates, mask in routes)
+# The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
+# ec, the whole batch's tokens for diffmoe (tc has no per-token count to shape).
+POOL_DIMS = {"ec": (1,), "diffmoe": (0, 1)}
+SOFT_COUNT_WIDTH = 0.1     # tau as a fraction of the spread of an expert's gates in its pool (ours)
+
+
+def routed_mass(routes, rule, mass="gate"):
+    """A for one step, (B, N), summed over MoE layers l and experts e, differentiable through the
+    gates. mass="gate", the paper's: A_i = sum 1[token i selected by e] * gates_l(i, e). Under
+    expert choice, raising it moves a token's gates onto the experts that already chose it,
+    away from all others: it can lower the token's count (README, "Mass is not count").
+    mass="count", ours: a soft count, A_i = sum sigmoid((gates_l(i, e) - theta) / tau), theta
+    the midpoint between the weakest selected and the strongest rejected gate of expert e in its
+    pool, tau a fraction of that expert's gate spread (both detached): raising it raises the
+    token's gate where the token is near an expert's cut, so it gains experts."""
+    if mass == "gate":
+        return sum((mask * gates).sum(-1) for gates, mask in routes)
+    A = 0.0
+    for gates, mask in routes:
+        pool = POOL_DIMS[rule]
+        with torch.no_grad():
+            weakest_in = torch.where(mask, gates, torch.inf).amin(pool, keepdim=True)
+            strongest_out = torch.where(mask, -torch.inf, gates).amax(pool, keepdim=True)
+            theta = (weakest_in + strongest_out) / 2            # (B or 1, 1, E): each expert's cut
+            tau = SOFT_COUNT_WIDTH * gates.std(pool, keepdim=True) + 1e-12
+        A = A + torch.sigmoid((gates - theta) / tau).sum(-1)
+    return A
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,21 +590,34 @@ def unroll(model, x0, y, ts, eps, oracle=False):
         x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
 
 
-def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, oracle=False):
+def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", target="trajectory",
+                    saliency_mean=None, oracle=False):
     """SharpMoE post-training (parts 2 and 3): L_fm, the mean flow-matching loss over the T steps
-    of one trajectory, + lam * L_routing, the KL between A summed over the steps and the saliency
-    M (skipped for tc, whose counts are all equal). noise: training_noise(cfg, B, T). Returns
-    (loss, aux, stats)."""
+    of one trajectory, + lam * L_routing. noise: training_noise(cfg, B, T). L_routing compares
+    the routed mass A (routed_mass: `mass` "gate" is the paper's, "count" ours) with the saliency
+    M: target "trajectory" (the paper) takes one KL on A summed over the steps, "step" (ours) the
+    mean of one KL per step, so that late steps cannot pay for early ones. With saliency_mean
+    (N,), the training data's mean saliency per token position, M is the residual M - mean
+    (ours: no reward for routing by position alone). tc is trained with L_fm only (its counts are
+    all equal). Returns (loss, aux, stats)."""
     ts, eps, drop = noise
     T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
-    fm, aux, A, counts = 0.0, 0.0, 0.0, []
+    routed = cfg.router != "tc"                                  # tc: every token gets k experts
+    fm, aux, As, counts = 0.0, 0.0, [], []
     for t, xt, v, a, routes in unroll(model, x0, y, ts, eps, oracle):
         fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
-        A = A + routed_mass(routes)                             # (B, N), summed over the steps
+        As += [routed_mass(routes, cfg.router, mass).float()] if routed else []   # (B, N) per step
         counts.append(expert_count(routes).detach())
     M = laplacian_saliency(x0, cfg.patch_size)
-    L_routing = routing_loss(A.float(), M, temp) if cfg.router != "tc" else fm * 0
-    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts), saliency=M)
+    if saliency_mean is not None:
+        M = M - saliency_mean
+    if not routed:
+        L_routing = fm * 0
+    elif target == "trajectory":
+        L_routing = routing_loss(sum(As), M, temp)
+    else:
+        L_routing = sum(routing_loss(A, M, temp) for A in As) / T
+    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts))
     return fm + lam * L_routing, aux, stats
 
 
@@ -629,27 +665,58 @@ def sample(model, noise, y, steps=250, cfg_scale=1.5):
 # ----------------------------------------------------------------------------------------------
 # Measuring routing: expert count against saliency
 
+def ranks(x):
+    """Ranks along the last dim of (B, N), from 1; ties get their average rank."""
+    less = (x[:, :, None] > x[:, None, :]).sum(-1).float()      # (B, N)
+    equal = (x[:, :, None] == x[:, None, :]).sum(-1).float()
+    return less + (equal + 1) / 2
+
+
 def rank_correlation(a, b):
-    """Spearman correlation per row of (B, N) tensors (ties get their average rank), (B,).
-    A row with no spread (say, token choice's equal counts) has correlation 0."""
-    def ranks(x):
-        less = (x[:, :, None] > x[:, None, :]).sum(-1).float()   # (B, N)
-        equal = (x[:, :, None] == x[:, None, :]).sum(-1).float()
-        return less + (equal + 1) / 2
+    """Spearman correlation per row of (B, N) tensors, (B,). A row with no spread (say, token
+    choice's equal counts) has correlation 0."""
     ra, rb = standardize(ranks(a.float())), standardize(ranks(b.float()))
     corr = (ra * rb).sum(-1) / (a.shape[-1] - 1)
     spread = (a.float().std(-1) > 0) & (b.float().std(-1) > 0)
     return torch.where(spread, corr, torch.zeros_like(corr))
 
 
+def position_controlled_correlation(count, M):
+    """Does a token get more experts where it is more salient than that position usually is?
+    The correlation, over all tokens of all B images, between the expert count (B, N) and each
+    token's saliency rank within its image minus the mean of that rank over the images at the
+    same position. Exactly 0 for any router whose counts depend on the position only (the
+    residual sums to 0 at every position), however well such a router scores on the raw one."""
+    r = ranks(M.float())
+    r = r - r.mean(0, keepdim=True)                             # (B, N) beyond position
+    c = count.float() - count.float().mean()
+    return (c * r).sum() / (c.norm() * r.norm() + 1e-12)
+
+
+# The probe's timesteps: from t_1 = 0.999, as training and sampling chain x0_hat, at most 0.15 apart.
+PROBE_T = (0.999, 0.95, 0.875, 0.8, 0.65, 0.5, 0.35, 0.2, 0.125, 0.05)
+
+
 @torch.no_grad()
-def routing_probe(model, x0, y, ts, eps):
-    """Per denoising step, the mean rank correlation between each token's expert count (summed
-    over MoE layers) and its Laplacian saliency, along one noised trajectory with x0_hat chained
-    as in training (the paper's key measurement). ts: (T,) descending. Returns (T,)."""
-    mode, M = model.training, laplacian_saliency(x0, model.cfg.patch_size)
+def routing_probe(model, x0, y, eps, ts=PROBE_T):
+    """The paper's key measurement, per denoising step, on fixed images x0 (held out from
+    training), labels y and noise eps: one noised trajectory per image with x0_hat chained from
+    t = 0.999 as in training and sampling. Returns (T,) tensors: `corr`, the mean rank
+    correlation between each token's expert count (summed over MoE layers) and its Laplacian
+    saliency; `corr_pos`, the same against the saliency left after subtracting the probe set's
+    mean saliency at each token position (a router that learned only "the centre is salient"
+    scores 0 here); `loss`, the flow-matching loss at the same t and noise; and `counts` (T, B, N)."""
+    mode = model.training
     model.eval()
-    ts = ts.to(x0.device)[:, None].expand(-1, x0.shape[0])
-    corr = [rank_correlation(expert_count(routes), M).mean() for *_, routes in unroll(model, x0, y, ts, eps)]
+    M = laplacian_saliency(x0, model.cfg.patch_size)            # (B, N)
+    M_pos = M - M.mean(0, keepdim=True)                         # position-controlled
+    ts = torch.tensor(ts, device=x0.device)[:, None].expand(-1, x0.shape[0])
+    out = dict(corr=[], corr_pos=[], loss=[], counts=[])
+    for t, xt, v, _, routes in unroll(model, x0, y, ts, eps):
+        count = expert_count(routes)
+        out["corr"].append(rank_correlation(count, M).mean())
+        out["corr_pos"].append(position_controlled_correlation(count, M))
+        out["loss"].append(F.mse_loss(v.float(), eps - x0))
+        out["counts"].append(count)
     model.train(mode)
-    return torch.stack(corr)
+    return {k: torch.stack(v) for k, v in out.items()}

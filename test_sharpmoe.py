@@ -24,8 +24,8 @@ def tiny(router="ec", **kw):
     return sm.make_config("tiny", router=router, num_classes=10, **kw)
 
 
-def batch(n=4, size=32, seed=0):
-    data = train.Shapes(size, n=64, seed=seed)
+def batch(n=4, size=32):
+    data = train.Shapes(size, n=64)
     x = torch.stack([data[i][0] for i in range(n)])
     return x, torch.tensor([data[i][1] for i in range(n)])
 
@@ -206,7 +206,9 @@ def train_args(out, *extra):
                              "--builtin-size", "64", "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("extra", [("--router", "diffmoe"), ("--init", "PRE", "--trajectory-steps", "3")])
+@pytest.mark.parametrize("extra", [("--router", "diffmoe"), ("--init", "PRE", "--trajectory-steps", "3"),
+                                   ("--init", "PRE", "--trajectory-steps", "3", "--routing-mass", "count",
+                                    "--routing-target", "step", "--saliency-target", "residual")])
 def test_resume_continues_exactly(tmp_path, extra):
     pre = tmp_path / "pre"
     train.main(train_args(pre, "--router", "ec", "--steps", "2"))
@@ -469,6 +471,107 @@ def test_post_training_lowers_the_routing_loss_through_r_sal_alone():
     assert routing(model) < 0.7 * before
 
 
+def select_ec(S, k):
+    """EC selection mask (B, N, E) from logits (B, N, E)."""
+    B, N, E = S.shape
+    slots = sm.expert_choice_in_image(S.softmax(-1).reshape(B * N, E), B, N * k // E)
+    return sm.slots_to_mask(slots, B * N).view(B, N, E)
+
+
+def count_after_push(S, mask, b, i, mass, rule="ec", k=1, size=1.0):
+    """Token (b, i)'s expert count after a step of `size` of its logits along the gradient of
+    its own routed mass A_i (None when that gradient is zero)."""
+    S_ = S.clone().requires_grad_()
+    sm.routed_mass([(S_.softmax(-1), mask)], rule, mass)[b, i].backward()
+    g = S_.grad[b, i]
+    if g.norm() == 0:
+        return None
+    S2 = S.clone()
+    S2[b, i] += size * g / g.norm()
+    if rule == "ec":
+        return int(select_ec(S2, k).sum(-1)[b, i])
+    B, N, E = S.shape
+    slots = sm.expert_choice_in_pool(S2.softmax(-1).reshape(B * N, E), B * N * k // E)
+    return int(sm.slots_to_mask(slots, B * N).view(B, N, E).sum(-1)[b, i])
+
+
+def test_count_mass_gradient_raises_a_count_that_the_gate_mass_gradient_lowers():
+    """One image, EC, 8 tokens, 4 experts, k = 2 (4 tokens per expert). Token 4 has 2 experts,
+    one of them by a small margin. Stepping its logits up the gradient of its own A: the paper's
+    gate mass moves its gate onto the expert that chose it most and loses the marginal one
+    (2 -> 1); the count-aware mass raises its gates where it is near a cut (2 -> 3)."""
+    S = torch.tensor([[[-1.6, 1.4, -2.0, -1.7], [-1.8, 1.8, -1.6, -0.2], [-1.4, 0.5, -0.9, -0.4],
+                       [1.5, -1.1, -0.3, -0.6], [-2.3, -0.7, -1.3, 0.8], [0.0, -0.1, 1.6, 1.3],
+                       [0.7, -0.7, 0.2, 4.1], [0.2, 1.7, 0.5, 2.6]]])
+    mask = select_ec(S, k=2)
+    assert int(mask.sum(-1)[0, 4]) == 2
+    assert count_after_push(S, mask, 0, 4, "gate", k=2) == 1
+    assert count_after_push(S, mask, 0, 4, "count", k=2) == 3
+
+
+@pytest.mark.parametrize("rule", ("ec", "diffmoe"))
+def test_gate_mass_can_never_add_an_expert_and_the_count_mass_often_does(rule):
+    """For every token of a random batch, the same push as above: the gate mass only moves a
+    token's mass onto experts that already chose it (and a token with no expert gets no gradient
+    at all), so no count rises; the count-aware mass raises many counts and lowers almost none."""
+    torch.manual_seed(13)
+    S = torch.randn(2, 32, 8)
+    g = S.softmax(-1).reshape(64, 8)
+    slots = sm.expert_choice_in_image(g, 2, 4) if rule == "ec" else sm.expert_choice_in_pool(g, 8)
+    mask = sm.slots_to_mask(slots, 64).view(2, 32, 8)
+    before = mask.sum(-1)
+    moved = {"gate": [0, 0], "count": [0, 0]}                   # [raised, lowered]
+    for mass in moved:
+        for b in range(2):
+            for i in range(32):
+                c = count_after_push(S, mask, b, i, mass, rule, size=0.3)
+                if c is not None:
+                    moved[mass][0] += c > before[b, i]
+                    moved[mass][1] += c < before[b, i]
+    assert moved["gate"][0] == 0
+    assert moved["count"][0] >= 16 and moved["count"][1] <= 2
+
+
+def test_routing_targets_step_and_residual_by_hand():
+    """target "step" is the mean over steps of KL(softmax(A_k) || softmax(M)); "trajectory" one KL
+    on the sum; saliency_mean turns M into M - mean. Checked against the unrolled routes."""
+    torch.manual_seed(14)
+    model = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny("ec"))))
+    x0, y = batch(4)
+    noise = sm.training_noise(model.cfg, 4, T=3)
+    prior = torch.rand(model.cfg.num_tokens)
+    with torch.no_grad():
+        y_in = sm.drop_labels(y, noise[2], model.cfg.num_classes)
+        As = [sm.routed_mass(r, "ec", "count") for *_, r in sm.unroll(model, x0, y_in, noise[0], noise[1])]
+        M = sm.laplacian_saliency(x0, 4)
+        for target, mean, expected in (("trajectory", None, sm.routing_loss(sum(As), M)),
+                                       ("step", None, sum(sm.routing_loss(A, M) for A in As) / 3),
+                                       ("step", prior, sum(sm.routing_loss(A, M - prior) for A in As) / 3)):
+            stats = sm.trajectory_loss(model, model.cfg, x0, y, noise, mass="count", target=target, saliency_mean=mean)[2]
+            torch.testing.assert_close(stats["routing"], expected)
+
+
+def test_position_saliency_is_the_flip_symmetric_mean():
+    data = train.Strokes(32, 40)
+    mean = train.position_saliency(data, 4, batch=16)
+    M = sm.laplacian_saliency(torch.stack([data[i][0] for i in range(40)]), 4).mean(0).view(8, 8)
+    torch.testing.assert_close(mean, ((M + M.flip(-1)) / 2).flatten())
+
+
+def test_held_out_images_are_never_trained_on(tmp_path):
+    args = train_args(tmp_path, "--builtin-size", "64")
+    data, held_out = train.make_datasets(args)
+    seen = {data[i][0].numpy().tobytes() for i in range(len(data))}
+    assert not seen & {held_out[i][0].numpy().tobytes() for i in range(64)}
+    for c in ("a", "b"):                                        # a folder: images split off
+        (tmp_path / c).mkdir()
+        for i in range(300):
+            Image.fromarray(np.full((8, 8, 3), i % 256, np.uint8)).save(tmp_path / c / f"{i}.png")
+    data, held_out = train.make_datasets(train_args(tmp_path, "--data", str(tmp_path), "--image-size", "8"))
+    assert len(held_out) == train.PROBE_IMAGES and len(data) == 600 - train.PROBE_IMAGES
+    assert not set(data.files) & set(held_out.files) and {y for _, y in held_out.files} == {0, 1}
+
+
 def test_post_training_under_torchrun_agrees_with_one_process(tmp_path):
     train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
     args = ["--init", str(tmp_path / "pre" / "last.pt"), "--trajectory-steps", "3", "--steps", "2", "--lr", "1e-3",
@@ -550,15 +653,51 @@ class SaliencyOracle(torch.nn.Module):
         return (x - self.x0) / t.view(-1, 1, 1, 1), 0.0, [(mask.float() / 2, mask)]
 
 
-def test_routing_probe_chains_x0_hat_and_measures_count_against_saliency():
+def test_routing_probe_chains_x0_hat_from_0999_and_measures_count_loss_and_position():
     x0, y = batch(8)
     eps = torch.randn(generator=torch.Generator().manual_seed(0), size=x0.shape)
-    ts = torch.tensor([0.95, 0.8, 0.5, 0.2])
-    corr = sm.routing_probe(SaliencyOracle(x0), x0, y, ts, eps)
+    r = sm.routing_probe(SaliencyOracle(x0), x0, y, eps)
+    assert sm.PROBE_T[0] == 0.999 and r["corr"].shape == r["corr_pos"].shape == r["loss"].shape == (len(sm.PROBE_T),)
     M = sm.laplacian_saliency(x0, 4)
-    exact = sm.rank_correlation(1 + (M > M.mean(1, keepdim=True)).long(), M).mean()
-    assert abs(corr[0]) < 0.3                                   # step 1 routes with x_t: noise
-    torch.testing.assert_close(corr[1:], exact.expand(3))       # then with x0_hat = x0
+    count = 1 + (M > M.mean(1, keepdim=True)).long()
+    assert abs(r["corr"][0]) < 0.3                              # step 1 routes with x_t: noise
+    torch.testing.assert_close(r["corr"][1:], sm.rank_correlation(count, M).mean().expand(len(sm.PROBE_T) - 1))
+    torch.testing.assert_close(r["corr_pos"][1:], sm.position_controlled_correlation(count, M).expand(len(sm.PROBE_T) - 1))
+    assert r["loss"].max() < 1e-10                              # the stand-in's v is the true velocity
+    assert torch.equal(r["counts"][1], count)
+
+
+class PositionPrior(torch.nn.Module):
+    """A stand-in router that learned only where saliency usually is: 2 experts for the tokens
+    whose mean saliency over a set of images is above average, 1 for the others, whatever the input."""
+
+    def __init__(self, images):
+        super().__init__()
+        prior = sm.laplacian_saliency(images, 4).mean(0)
+        self.more, self.cfg = prior > prior.mean(), tiny("ec")
+
+    def forward(self, x, t, y, x0_hat=None):
+        mask = torch.stack([torch.ones_like(self.more), self.more], -1).expand(x.shape[0], -1, -1)
+        return torch.zeros_like(x), 0.0, [(mask.float() / 2, mask)]
+
+
+def test_position_control_gives_a_positional_router_no_credit():
+    data = train.Shapes(32, 256, start=train.HELD_OUT)          # objects near the centre
+    x0 = torch.stack([data[i][0] for i in range(256)])
+    r = sm.routing_probe(PositionPrior(x0), x0, torch.zeros(256, dtype=torch.long), torch.randn_like(x0))
+    assert (r["corr"] > 0.2).all()                              # raw: looks like routing by saliency
+    assert (r["corr_pos"].abs() < 1e-6).all()                   # beyond position: nothing
+
+
+def test_position_controlled_correlation_by_hand():
+    # 2 images, 3 tokens. Saliency ranks (1, 2, 3) and (3, 2, 1); their mean per position is
+    # (2, 2, 2), so the residual ranks are (-1, 0, 1) and (1, 0, -1). Counts (1, 1, 2) and
+    # (2, 1, 1), centered by their mean 4/3: (-1, -1, 2) / 3 and (2, -1, -1) / 3. The sum of
+    # products is (1 + 2 + 2 + 1) / 3 = 2; the norms are sqrt(4) and sqrt(12 / 9): rho = 0.866.
+    M = torch.tensor([[0.1, 0.5, 0.9], [0.7, 0.4, 0.2]])
+    count = torch.tensor([[1, 1, 2], [2, 1, 1]])
+    assert sm.position_controlled_correlation(count, M).item() == pytest.approx(2 / (2 * math.sqrt(12 / 9)), abs=1e-6)
+    assert sm.position_controlled_correlation(torch.tensor([[1, 1, 2], [1, 1, 2]]), M).item() == 0   # position only
 
 
 def test_quintile_table_by_hand():
@@ -744,3 +883,25 @@ def test_fid_cli_end_to_end_with_random_weights(tmp_path):
     assert fid_line(r1) == fid_line(r3)
     r4 = run(str(tmp_path / "missing.npz"))
     assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/missing.npz does not exist"
+
+
+# ----------------------------------------------------------------------------------------------
+# compare.py
+
+def test_compare_runs_every_setting_for_every_seed_and_resumes(tmp_path, monkeypatch):
+    import compare
+    train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
+    argv = ["--init", str(tmp_path / "pre" / "last.pt"), "--out", str(tmp_path / "cmp"), "--steps", "1",
+            "--trajectory-steps", "2", "--lambdas", "0.01", "--global-batch-size", "8", "--num-workers", "0",
+            "--eval-images", "8", "--builtin-size", "64"]
+    results = compare.main(compare.parse_args(argv))
+    names = ["pretrained", "control-steps", "control-compute", "dual-only", "paper", "count-trajectory-0.01",
+             "count-step-0.01", "count-step-residual-0.01"]
+    assert list(results)[:-1] == names and list(results)[-1].startswith("oracle (count-")
+    saved = json.load(open(tmp_path / "cmp" / "results.json"))
+    assert all(len(saved["per_seed"][n]) == 2 for n in names[1:])            # two seeds each
+    assert torch.load(tmp_path / "cmp" / "seed1" / "control-compute" / "last.pt", weights_only=True)["step"] == 2
+    table = open(tmp_path / "cmp" / "table.md").read()
+    assert table.count("| count-step-residual-0.01 |") == 4                 # three per-step tables + quintiles
+    monkeypatch.setattr(train, "main", lambda args: pytest.fail("a finished run was trained again"))
+    compare.main(compare.parse_args(argv))

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 import time
-from copy import deepcopy
+from copy import copy, deepcopy
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -31,46 +31,104 @@ from tqdm import tqdm
 import sharpmoe as sm
 from fid import IMAGE_EXTENSIONS, UserError                   # fid.py stands alone; they live there
 
-PROBE_T = torch.tensor([0.95, 0.8, 0.5, 0.2])                 # the routing probe's timesteps
-
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
-class Shapes(Dataset):
-    """The built-in data: one flat-colored shape on a flat background per image, 10 classes,
-    generated deterministically from the index. Sharp edges and flat regions, so that saliency
-    varies across tokens. Pixels in [-1, 1]."""
-    classes = ("disk", "square", "triangle", "ring", "h-stripes", "v-stripes", "checker",
-               "cross", "diamond", "two-disks")
+HELD_OUT = 10 ** 9      # built-in images from this index on are never trained on (probe, reports)
+PROBE_IMAGES = 256      # held-out images of the routing probe
 
-    def __init__(self, size=32, n=10_000, seed=0):
-        self.size, self.n, self.seed = size, n, seed
+
+class Builtin(Dataset):
+    """Built-in data, drawn deterministically from the image index (nothing to download):
+    images start .. start + n - 1, 10 classes, pixels in [-1, 1]."""
+    classes = ()
+
+    def __init__(self, size=32, n=10_000, start=0):
+        self.size, self.n, self.start = size, n, start
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        y = i % len(self.classes)
-        r, cx, cy = rng.uniform(0.35, 0.65), *rng.uniform(-0.3, 0.3, 2)
-        u = (np.arange(self.size) + 0.5) / self.size * 2 - 1
-        dx, dy = u[None, :] - cx, u[:, None] - cy                  # (H, W) offsets from center
-        inside = self.shape(y, dx, dy, r, rng.uniform(0.25, 0.5))
-        bg = rng.uniform(0, 1, 3)
-        fg = (bg + rng.uniform(0.35, 0.65, 3)) % 1.0               # always a visible contrast
-        img = np.where(inside[..., None], fg, bg)                  # (H, W, 3)
-        return torch.from_numpy(img).permute(2, 0, 1).float() * 2 - 1, y
+        i += self.start
+        rng = np.random.default_rng([self.key, i])
+        u = (np.arange(self.size) + 0.5) / self.size * 2 - 1       # pixel centres in [-1, 1]
+        img = self.draw(i % 10, rng, *np.meshgrid(u, u))           # (H, W, 3)
+        return torch.from_numpy(img).permute(2, 0, 1).float(), i % 10
 
-    @staticmethod
-    def shape(y, dx, dy, r, f):
+
+class Shapes(Builtin):
+    """One flat-colored shape on a flat background, near the centre: sharp edges and flat
+    regions. Easy: a router that sends experts to the centre already follows its saliency."""
+    key = 0
+    classes = ("disk", "square", "triangle", "ring", "h-stripes", "v-stripes", "checker",
+               "cross", "diamond", "two-disks")
+
+    def draw(self, y, rng, X, Y):
+        r, cx, cy = rng.uniform(0.35, 0.65), *rng.uniform(-0.3, 0.3, 2)
+        dx, dy, f = X - cx, Y - cy, rng.uniform(0.25, 0.5)         # (H, W) offsets from center
         box = (abs(dx) < r) & (abs(dy) < r)
         band = lambda a: np.floor((a + r) / (f * r)) % 2 == 0      # stripes of width f * r
-        return [dx ** 2 + dy ** 2 < r ** 2, box, (dy < r) & (abs(dx) < (dy + r) / 2),
-                (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (f * r) ** 2),
-                box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)),
-                ((abs(dx) < f * r) | (abs(dy) < f * r)) & box, abs(dx) + abs(dy) < r,
-                ((dx - r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2)][y]
+        inside = [dx ** 2 + dy ** 2 < r ** 2, box, (dy < r) & (abs(dx) < (dy + r) / 2),
+                  (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (f * r) ** 2),
+                  box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)),
+                  ((abs(dx) < f * r) | (abs(dy) < f * r)) & box, abs(dx) + abs(dy) < r,
+                  ((dx - r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2)][y]
+        bg = rng.uniform(0, 1, 3)
+        fg = (bg + rng.uniform(0.35, 0.65, 3)) % 1.0               # always a visible contrast
+        return np.where(inside[..., None], fg, bg) * 2 - 1
+
+
+class Strokes(Builtin):
+    """Closer to real images: a thin-stroke glyph (the class) placed anywhere near the centre at
+    any angle, and a small textured patch anywhere, on a smooth, low-contrast background (a
+    colour, a gentle gradient, a broad blob). Most tokens are smooth; the salient ones are few,
+    thin and not where a positional prior would put them."""
+    key = 1
+    classes = ("line", "two-lines", "cross", "ring", "arc", "zigzag", "triangle", "tee", "spiral", "wave")
+
+    @staticmethod
+    def glyph(y):
+        """Class y's strokes as line segments (S, 2, 2) in a unit box."""
+        t = np.linspace(0, 1, 17)
+        line = lambda xs, ys: np.stack([np.stack([xs[:-1], ys[:-1]], -1), np.stack([xs[1:], ys[1:]], -1)], 1)
+        a = lambda *v: np.array(v, dtype=float)
+        arc = lambda a0, a1: line(np.cos(a0 + (a1 - a0) * t), np.sin(a0 + (a1 - a0) * t))
+        return [line(a(-1, 1), a(0, 0)),
+                np.concatenate([line(a(-1, 1), a(-.4, -.4)), line(a(-1, 1), a(.4, .4))]),
+                np.concatenate([line(a(-1, 1), a(-1, 1)), line(a(-1, 1), a(1, -1))]),
+                arc(0, 2 * np.pi), arc(0.6, 2 * np.pi - 0.6),
+                line(np.linspace(-1, 1, 6), a(-.5, .5, -.5, .5, -.5, .5)),
+                line(a(-1, 1, 0, -1), a(-.8, -.8, .9, -.8)),
+                np.concatenate([line(a(-1, 1), a(-.9, -.9)), line(a(0, 0), a(-.9, 1))]),
+                line(np.cos(4 * np.pi * t) * (.2 + .8 * t), np.sin(4 * np.pi * t) * (.2 + .8 * t)),
+                line(2 * t - 1, 0.5 * np.sin(3 * np.pi * t))][y]
+
+    def draw(self, y, rng, X, Y):
+        bg = rng.uniform(-0.6, 0.6, 3)
+        g = rng.normal(size=2)
+        g *= rng.uniform(0.05, 0.2) / np.linalg.norm(g)            # a gentle linear gradient
+        bx, by = rng.uniform(-1, 1, 2)
+        blob = np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / rng.uniform(0.3, 0.8))
+        img = bg + (g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3)
+        a = rng.uniform(0, 2 * np.pi)                              # the glyph: rotated, scaled, placed
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        seg = self.glyph(y) @ rot.T * rng.uniform(0.25, 0.5) + rng.uniform(-0.35, 0.35, 2)
+        P, p0, d = np.stack([X, Y], -1)[None], seg[:, None, None, 0], (seg[:, 1] - seg[:, 0])[:, None, None]
+        s = np.clip(((P - p0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0, 1)   # (S, H, W)
+        dist = np.linalg.norm(P - p0 - s[..., None] * d, axis=-1).min(0) * self.size / 2   # in pixels
+        ink = np.clip(1.5 - dist, 0, 1)[..., None]                 # about 2 px wide, antialiased
+        color = bg + rng.choice([-1, 1]) * rng.uniform(0.4, 0.8) + rng.uniform(-0.2, 0.2, 3)
+        img = img * (1 - ink) + color * ink
+        w = rng.integers(4, 8)                                     # a small textured patch
+        px, py = rng.integers(0, self.size - w, 2)
+        tex = (np.add.outer(np.arange(w), np.arange(w)) % 2) if rng.random() < 0.5 else rng.random((w, w))
+        img[py:py + w, px:px + w] += (tex[..., None] - 0.5) * rng.uniform(0.3, 0.6)
+        return np.clip(img, -1, 1)
+
+
+BUILTIN = {"strokes": Strokes, "shapes": Shapes}
 
 
 def center_crop(img, size):
@@ -111,6 +169,28 @@ class ImageFolder(Dataset):
             raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
         arr = np.asarray(center_crop(img, self.size), dtype=np.float32) / 127.5 - 1
         return torch.from_numpy(arr).permute(2, 0, 1), y
+
+    def split_off(self, n):
+        """Hold out n images (every k-th file, so all classes): removed from this set, returned
+        as another."""
+        held, k = copy(self), max(len(self.files) // n, 2)
+        held.files = self.files[::k][:n]
+        self.files = [f for i, f in enumerate(self.files) if i % k or i // k >= n]
+        return held
+
+
+def make_datasets(args):
+    """(training set, held-out set): --data and --val-data (or PROBE_IMAGES images split off
+    --data), or the built-in data and 1024 images of its held-out index range."""
+    if not args.data:
+        make = BUILTIN[args.builtin]
+        return make(args.image_size, args.builtin_size), make(args.image_size, 1024, start=HELD_OUT)
+    data = ImageFolder(args.data, args.image_size)
+    held_out = ImageFolder(args.val_data, args.image_size) if args.val_data else data.split_off(PROBE_IMAGES)
+    if held_out.classes != data.classes:
+        raise UserError(f"--val-data {args.val_data} has other classes than --data {args.data}; "
+                        "give it the same class subfolders")
+    return data, held_out
 
 
 class ResumableSampler(DistributedSampler):
@@ -232,25 +312,46 @@ def step_noise(args, cfg, T, step, rank, world, device):
 
 
 class RoutingProbe:
-    """Fixed images, noise and timesteps, so that every run (pretraining, SharpMoE, controls)
-    reports the same per-step count-saliency correlation in its log. Rank 0 only."""
+    """sm.routing_probe on fixed held-out images and noise, so that every run (pretraining,
+    SharpMoE, controls) logs the same per-step measurements. Rank 0 only."""
+    LOG_T = (0.999, 0.95, 0.8, 0.5, 0.2, 0.05)                 # the steps the log shows
 
-    def __init__(self, data, device, n=64):
-        images = [data[i] for i in range(min(n, len(data)))]
+    def __init__(self, held_out, device):
+        images = [held_out[i] for i in range(min(PROBE_IMAGES, len(held_out)))]
         self.x0 = torch.stack([x for x, _ in images]).to(device)
         self.y = torch.tensor([y for _, y in images], device=device)
         self.eps = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def __call__(self, model):
-        corr = sm.routing_probe(model, self.x0, self.y, PROBE_T, self.eps)
-        return " ".join(f"t={t:.2f}:{c:+.3f}" for t, c in zip(PROBE_T.tolist(), corr.tolist()))
+        r = sm.routing_probe(model, self.x0, self.y, self.eps)
+        show = [sm.PROBE_T.index(t) for t in self.LOG_T]
+        row = lambda v, f: "/".join(format(v[i], f) for i in show)
+        return (f"probe t={row(sm.PROBE_T, '.3g')}: corr {row(r['corr'].tolist(), '+.2f')} "
+                f"pos {row(r['corr_pos'].tolist(), '+.2f')} loss {row(r['loss'].tolist(), '.3f')}")
+
+
+def position_saliency(data, patch_size, n=2048, batch=256):
+    """The training data's mean Laplacian saliency at each token position, (N,), over n images
+    spread over the set, averaged with its mirror image (training flips): the residual routing
+    target's baseline."""
+    idx = np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int)
+    total = 0.0
+    for start in range(0, len(idx), batch):
+        x0 = torch.stack([data[int(i)][0] for i in idx[start:start + batch]])
+        total = total + sm.laplacian_saliency(x0, patch_size).sum(0)
+    g = int(total.numel() ** 0.5)
+    grid = total.view(g, g) / len(idx)
+    return ((grid + grid.flip(-1)) / 2).flatten()
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE (default: the built-in shapes)")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
-    p.add_argument("--builtin-size", type=int, default=10_000, help="number of built-in shape images")
+    p.add_argument("--builtin", choices=tuple(BUILTIN), default="strokes", help="built-in data when --data is not given")
+    p.add_argument("--builtin-size", type=int, default=10_000, help="number of built-in training images")
+    p.add_argument("--val-data", default=None, help="held-out folder for the routing probe (default: "
+                   f"{PROBE_IMAGES} images split off --data; built-in data has its own held-out range)")
     p.add_argument("--preset", default="L", help=f"model size, one of {', '.join(sm.PRESETS)} (ignored with --init)")
     p.add_argument("--router", default="ec", help=f"one of {', '.join(sm.ROUTERS)} (ignored with --init)")
     p.add_argument("--num-experts", type=int, default=0, help="experts per MoE layer (0: 16 for diffmoe, 8 otherwise)")
@@ -264,6 +365,12 @@ def parse_args(argv=None):
     p.add_argument("--trajectory-steps", type=int, default=10, help="T, denoising steps unrolled per post-training iteration")
     p.add_argument("--routing-weight", type=float, default=0.001, help="lambda of the trajectory routing loss")
     p.add_argument("--routing-temp", type=float, default=1.0, help="temperature of the routing loss (our choice)")
+    p.add_argument("--routing-mass", choices=("gate", "count"), default="gate",
+                   help="A: the paper's selected gate mass, or our soft expert count (README: mass is not count)")
+    p.add_argument("--routing-target", choices=("trajectory", "step"), default="trajectory",
+                   help="one KL on A summed over the trajectory (paper), or the mean of one KL per step (ours)")
+    p.add_argument("--saliency-target", choices=("raw", "residual"), default="raw",
+                   help="M as is (paper), or minus the training data's mean saliency per token position (ours)")
     p.add_argument("--sal-hidden", type=int, default=64, help="hidden width of R_sal (our choice)")
     p.add_argument("--oracle", action="store_true", help="route with the true clean x0 instead of x0_hat (ablation)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 500000, or 100000 with --init)")
@@ -303,7 +410,7 @@ def main(args):
                         "continue it, or pick another --out")
 
     # 2. data
-    data = ImageFolder(args.data, args.image_size) if args.data else Shapes(args.image_size, args.builtin_size)
+    data, held_out = make_datasets(args)
     num_classes = len(data.classes)
     sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
@@ -322,7 +429,9 @@ def main(args):
     ema.requires_grad_(False).eval()
     cfg = model.cfg
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
+    step, saliency_mean = 0, None                              # saliency_mean: the residual target's (N,)
+    if post and args.saliency_target == "residual":
+        saliency_mean = position_saliency(data, cfg.patch_size).to(device)
     if resume_path:
         ckpt = load_checkpoint(resume_path)
         diff = sm.config_diff(checkpoint_config(ckpt, resume_path), cfg)
@@ -333,6 +442,8 @@ def main(args):
         load_weights(ema, ckpt["ema"], resume_path)
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
+        if saliency_mean is not None:                          # computed once, stored with the run
+            saliency_mean = ckpt["saliency_mean"].to(device)
     raw = model                                                # unwrapped: state_dict, EMA, probe
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -355,9 +466,9 @@ def main(args):
         f"world {world}, device {device}, step {step} of {args.steps}")
 
     # 4. training loop
-    probe = RoutingProbe(data, device) if n_moe and rank == 0 else None
+    probe = RoutingProbe(held_out, device) if n_moe and rank == 0 else None
     if probe:
-        log(f"step {step:7d}  probe {probe(raw)}  (before training)")
+        log(f"step {step:7d}  {probe(raw)}  (before training)")
     sums, seen, t0 = {}, 0, time.time()                        # running sums of the logged statistics
     data_iter = batches(loader, step, steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -369,8 +480,9 @@ def main(args):
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)           # random h-flip
             with autocast:
                 if post:
-                    loss, aux, stats = sm.trajectory_loss(model, cfg, x0, y, noise, args.routing_weight,
-                                                          args.routing_temp, args.oracle)
+                    loss, aux, stats = sm.trajectory_loss(
+                        model, cfg, x0, y, noise, args.routing_weight, args.routing_temp, args.routing_mass,
+                        args.routing_target, saliency_mean, args.oracle)
                     fm, routing, counts = stats["fm"], stats["routing"], stats["counts"]  # (T, B, N)
                 else:
                     loss, aux, routes = sm.flow_loss(model, cfg, x0, y, noise)
@@ -403,14 +515,14 @@ def main(args):
                 if n_moe:
                     msg += f"  experts/token {mean['experts/token']:.3f}  corr(count,saliency) batch {mean['corr']:+.3f}"
                 if probe:
-                    msg += f" probe {probe(raw)}"
+                    msg += f"  {probe(raw)}"
                 log(msg + f"  img/s {seen * world / (time.time() - t0):.1f}")
                 pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
                 sums, seen, t0 = {}, 0, time.time()
             if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
                 save_checkpoint(os.path.join(args.out, "last.pt"),
                                 dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=asdict(cfg), args=vars(args)))
+                                     step=step, config=asdict(cfg), args=vars(args), saliency_mean=saliency_mean))
     log(f"done: {args.out}/last.pt at step {step}")
     if world > 1:
         dist.barrier()
