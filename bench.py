@@ -5,8 +5,11 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
    expert per token on average), forward + backward, at two sizes, as time ratios.
 2. Training images/s per router for the `cpu` preset (forward, backward, AdamW step).
 3. One SharpMoE post-training iteration (T steps of one trajectory) against one ordinary
-   training iteration at the same batch: time (paired ratio) and activation memory (bytes
-   autograd saves for backward; on a GPU also the peak allocated memory).
+   training iteration at the same batch, for both backward paths (unrolled: one backward over
+   all T steps; stepwise: one step's graph at a time): time (paired ratio) and peak activation
+   memory (bytes autograd holds for backward; on a GPU also the peak allocated memory).
+4. For the L preset on the paper's latent grid: activation bytes per image, measured, and the
+   per-GPU batch that T = 10 leaves in 80 GB for each path (an estimate).
 """
 import argparse
 import time
@@ -15,6 +18,7 @@ from copy import deepcopy
 import torch
 
 import sharpmoe as sm
+import train
 
 
 def timeit(fn, reps, warmup=2):
@@ -54,17 +58,20 @@ def layer_ratios(device, reps):
 
 
 def loss_of(model, cfg, x, y, T=1):
-    """One ordinary (T = 1) or post-training (T > 1) loss with fresh noise: (loss, aux)."""
+    """One ordinary (T = 1) or unrolled post-training (T > 1) loss with fresh noise: (loss, aux)."""
     noise = sm.training_noise(cfg, x.shape[0], T, device=x.device)
     if T == 1:
         return sm.flow_loss(model, cfg, x, y, noise)[:2]
     return sm.trajectory_loss(model, cfg, x, y, noise)[:2]
 
 
-def train_step(model, cfg, x, y, opt, T=1):
-    loss, aux = loss_of(model, cfg, x, y, T)
+def train_step(model, cfg, x, y, opt, T=1, path="unrolled"):
     opt.zero_grad(set_to_none=True)
-    (loss + aux).backward()
+    if path == "stepwise":
+        sm.trajectory_backward_stepwise(model, cfg, x, y, sm.training_noise(cfg, x.shape[0], T, device=x.device))
+    else:
+        loss, aux = loss_of(model, cfg, x, y, T)
+        (loss + aux).backward()
     opt.step()
 
 
@@ -81,19 +88,31 @@ def throughput(device, batch, reps):
 
 
 def saved_bytes(fn):
-    """Bytes of the distinct tensors autograd saves for backward while fn runs its forward."""
-    seen = {}
+    """Peak bytes of the distinct tensors autograd holds for backward while fn runs: the bytes
+    saved since the last backward, at their largest (one backward at the end: all of them)."""
+    seen, peak = {}, [0]
     def pack(t):
         seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    backward = torch.Tensor.backward
+    def counting_backward(self, *args, **kwargs):              # a backward frees what was saved
+        peak[0] = max(peak[0], sum(seen.values()))
+        seen.clear()
+        return backward(self, *args, **kwargs)
+    torch.Tensor.backward = counting_backward
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        torch.Tensor.backward = backward
+    return max(peak[0], sum(seen.values()))
 
 
 def post_training_cost(device, batch, reps):
-    print(f"\n3. SharpMoE post-training iteration / ordinary iteration, preset cpu, ec router, batch {batch}")
-    print(f"{'T':>3} {'ordinary ms':>12} {'post ms':>9} {'time x':>7} {'act. MB':>8} {'post act. MB':>13} {'memory x':>9}")
+    print(f"\n3. One SharpMoE post-training iteration over one ordinary iteration, both backward paths (the same "
+          f"gradient), preset cpu, ec router, batch {batch}; memory: peak bytes held for backward")
+    print(f"{'T':>3} {'ordinary ms':>12} {'act. MB':>8} {'unrolled time x':>16} {'stepwise time x':>16} "
+          f"{'unrolled mem x':>15} {'stepwise mem x':>15}")
     base_cfg = sm.make_config("cpu", router="ec", num_classes=10)
     base_model = sm.DiT(base_cfg).to(device)
     model = sm.add_saliency_routers(deepcopy(base_model))
@@ -102,21 +121,42 @@ def post_training_cost(device, batch, reps):
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt)
     base = timeit(ordinary, reps)
-    base_mem = saved_bytes(lambda: loss_of(base_model, base_cfg, x, y))
+    base_mem = saved_bytes(lambda: (lambda l, a: (l + a).backward())(*loss_of(base_model, base_cfg, x, y)))
     for T in (4, 10):
-        post = lambda: train_step(model, cfg, x, y, opt, T)
-        ratio = paired_ratio(post, ordinary, max(3, reps // 2))
-        mem = saved_bytes(lambda: loss_of(model, cfg, x, y, T))
-        print(f"{T:>3} {base * 1e3:>12.1f} {base * ratio * 1e3:>9.1f} {ratio:>7.2f} "
-              f"{base_mem / 2**20:>8.1f} {mem / 2**20:>13.1f} {mem / base_mem:>9.2f}")
+        ratios, mems = [], []
+        for path in ("unrolled", "stepwise"):
+            ratios.append(paired_ratio(lambda: train_step(model, cfg, x, y, opt, T, path), ordinary, max(3, reps // 2)))
+            mems.append(saved_bytes(lambda: train_step(model, cfg, x, y, opt, T, path)) / base_mem)
+        print(f"{T:>3} {base * 1e3:>12.1f} {base_mem / 2**20:>8.1f} {ratios[0]:>16.2f} {ratios[1]:>16.2f} "
+              f"{mems[0]:>15.2f} {mems[1]:>15.2f}")
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            train_step(model, cfg, x, y, opt, T)
-            print(f"    GPU peak allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+            for path in ("unrolled", "stepwise"):
+                torch.cuda.reset_peak_memory_stats()
+                train_step(model, cfg, x, y, opt, T, path)
+                print(f"    {path}: GPU peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+
+
+def large_model_estimate(device, T=10, gpu_gb=80):
+    """The L preset on the paper's 32x32x4 latent grid (256 tokens): bytes held for backward per
+    image by one ordinary step, measured (fp32, batch 2); and the per-GPU batch that would leave
+    at T = 10 for each path in gpu_gb, an ESTIMATE: (memory - weights, gradients, AdamW and EMA
+    in fp32) / (activation bytes per image x T (unrolled) or x 1 (stepwise)), before bf16."""
+    print(f"\n4. Estimate for the L preset (ec, 256 tokens, T = {T}) in {gpu_gb} GB: from measured fp32 activations")
+    cfg = sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000)
+    model = sm.add_saliency_routers(sm.DiT(cfg)).to(device)
+    x, y = torch.randn(2, 4, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
+    per_image = saved_bytes(lambda: (lambda l, a: (l + a).backward())(*loss_of(model, cfg, x, y))) / 2
+    params = sum(p.numel() for p in model.parameters())
+    states = params * 4 * 5                                    # weights, gradients, 2 AdamW moments, EMA
+    free = gpu_gb * 2**30 - states
+    print(f"    {params / 1e9:.2f}B parameters: {states / 2**30:.1f} GB of fp32 states; "
+          f"one ordinary step holds {per_image / 2**20:.0f} MB per image")
+    print(f"    per-GPU batch that fits (estimate): ordinary {int(free // per_image)}, "
+          f"unrolled {int(free // (per_image * T))}, stepwise {int(free // per_image)}")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (the median is reported)")
     p.add_argument("--batch", type=int, default=32, help="images per step for parts 2 and 3")
     args = p.parse_args()
@@ -127,3 +167,4 @@ if __name__ == "__main__":
     layer_ratios(device, args.reps)
     throughput(device, args.batch, args.reps)
     post_training_cost(device, args.batch, args.reps)
+    large_model_estimate(device)

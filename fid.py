@@ -11,9 +11,12 @@ is used as stored; otherwise its arr_0 images are measured.
 
 Preprocessing is the ADM evaluator's graph: TF1 bilinear resize to 299 (align_corners=False,
 no half-pixel offset), then (x - 128) / 128. Features: pool3 (2048) for FID, the 1008 logits
-for IS (10 splits). BatchNorm in eval mode, TF32 off. The FID variants of the blocks follow
-pytorch-fid: average pools that exclude padding (Mixed_5*, Mixed_6b-e, Mixed_7b) and a max pool
-in the last block's pool branch (Mixed_7c).
+for IS (pool3 @ W without the fc bias; 10 splits at i * N // 10). BatchNorm in eval mode, TF32
+off. The FID variants of the blocks follow pytorch-fid: average pools that exclude padding
+(Mixed_5*, Mixed_6b-e, Mixed_7b) and a max pool in the last block's pool branch (Mixed_7c).
+
+Argument order: SAMPLES first, then REF (the ADM evaluator takes REF first); a reference batch
+given first is recognized and refused with the right call.
 """
 import argparse
 import hashlib
@@ -187,7 +190,9 @@ class FIDInception(nn.Module):
         return ((x - 128) / 128).float()
 
     def forward(self, images):
-        """uint8 images (B, H, W, 3) -> pool3 features (B, 2048), logits (B, 1008)."""
+        """uint8 images (B, H, W, 3) -> pool3 features (B, 2048), and the logits for the
+        Inception Score (B, 1008): pool3 @ W without the fc bias, as the ADM evaluator,
+        improved-GAN and torch-fidelity take them."""
         x = self.preprocess(images)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
@@ -195,7 +200,7 @@ class FIDInception(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, "Mixed_" + name)(x)
         pool3 = x.mean((2, 3))                                  # (B, 2048)
-        return pool3, self.fc(pool3)
+        return pool3, pool3 @ self.fc.weight.t()
 
 
 def load_inception(path=None, device="cpu"):
@@ -244,66 +249,91 @@ def npy_header(f):
 
 def npz_batches(path, batch_size):
     """Batches of arr_0 from an .npz, read from the zip member without loading it all."""
-    with zipfile.ZipFile(path) as z:
-        if "arr_0.npy" not in z.namelist():
-            raise UserError(f"{path} has no arr_0; expected images (N, H, W, 3) uint8")
-        with z.open("arr_0.npy") as f:
-            shape, fortran, dtype = npy_header(f)
-            if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-                raise UserError(f"{path}: arr_0 is {dtype} {shape}; expected (N, H, W, 3) uint8")
-            row = int(np.prod(shape[1:]))
-            for start in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - start)
-                yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
-
-
-def count_images(path):
-    if os.path.isdir(path):
-        return len(image_files(path))
     with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-        return npy_header(f)[0][0]
+        shape = npy_header(f)[0]
+        row = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.frombuffer(bytearray(f.read(n * row)), np.uint8).reshape(n, *shape[1:])   # writable
 
 
 def image_files(folder):
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def open_image(path):
+    try:
+        return Image.open(path)
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+
+
 def folder_batches(folder, batch_size):
     files = image_files(folder)
     for start in range(0, len(files), batch_size):
-        arrays = []
-        for path in files[start:start + batch_size]:
-            try:
-                arrays.append(np.asarray(Image.open(path).convert("RGB")))
-            except Exception as e:
-                raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
-        if len({a.shape for a in arrays}) > 1:
-            raise UserError(f"images in {folder} differ in size; resize them to one size first")
-        yield np.stack(arrays)
+        yield np.stack([np.asarray(open_image(path).convert("RGB")) for path in files[start:start + batch_size]])
+
+
+def check_input(path, role):
+    """Before any work: the number of images in an input, or None for a reference .npz that
+    carries statistics (mu, sigma). One clear line for anything else."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist")
+    if os.path.isdir(path):
+        sizes = {}
+        for f in image_files(path):
+            sizes.setdefault(open_image(f).size, f)
+        if len(sizes) > 1:
+            (a, fa), (b, fb) = list(sizes.items())[:2]
+            raise UserError(f"images in {path} differ in size ({a[0]}x{a[1]} {fa}, {b[0]}x{b[1]} {fb}); "
+                            "resize them to one size first")
+        return len(image_files(path))
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is neither an image folder nor an .npz file")
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        if {"mu.npy", "sigma.npy"} <= names:
+            if role == "reference":
+                return None
+            raise UserError(f"{path} holds statistics (mu, sigma): it is a reference, and fid.py takes the "
+                            f"samples first: python fid.py SAMPLES {path} (the ADM evaluator takes REF SAMPLES)")
+        if "arr_0.npy" not in names:
+            raise UserError(f"{path} has no arr_0; expected images (N, H, W, 3) uint8")
+        with z.open("arr_0.npy") as f:
+            shape, fortran, dtype = npy_header(f)
+    if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise UserError(f"{path}: arr_0 is {dtype} {shape}; expected (N, H, W, 3) uint8")
+    return shape[0]
 
 
 @torch.no_grad()
 def features(net, path, batch_size, device):
-    """pool3 features (N, 2048) and logits (N, 1008), float64, of an .npz or an image folder."""
-    if not os.path.exists(path):
-        raise UserError(f"{path} does not exist")
-    n = count_images(path)
+    """pool3 features (N, 2048) and IS logits (N, 1008), float32, of an .npz or an image folder."""
+    n = check_input(path, "samples")
     if n < 2:
         raise UserError(f"{path} has {n} image(s); FID needs at least 2 (50,000 for comparable numbers)")
     batches = folder_batches(path, batch_size) if os.path.isdir(path) else npz_batches(path, batch_size)
     pools, logits = [], []
     for b in tqdm(batches, total=-(-n // batch_size), desc=f"inception {os.path.basename(path)}"):
         p, l = net(torch.from_numpy(b).to(device))
-        pools.append(p.double().cpu())
-        logits.append(l.double().cpu())
+        pools.append(p.float().cpu())
+        logits.append(l.float().cpu())
     return torch.cat(pools).numpy(), torch.cat(logits).numpy()
 
 
-def statistics(feats):
-    if feats.shape[0] < feats.shape[1]:
-        warnings.warn(f"{feats.shape[0]} samples for {feats.shape[1]} feature dimensions: the covariance "
+def statistics(feats, chunk=4096):
+    """mu and sigma, in float64, of (N, D) features, accumulated in chunks (no float64 copy of
+    all of them: 50,000 x 2048 features stay at 400 MB)."""
+    n, d = feats.shape
+    if n < d:
+        warnings.warn(f"{n} samples for {d} feature dimensions: the covariance "
                       "is singular and FID is biased upwards; use 50,000 samples for numbers comparable with papers")
-    return feats.mean(0), np.cov(feats, rowvar=False)
+    mu = feats.mean(0, dtype=np.float64)
+    sigma = np.zeros((d, d))
+    for start in range(0, n, chunk):
+        x = feats[start:start + chunk].astype(np.float64) - mu
+        sigma += x.T @ x
+    return mu, sigma / (n - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -312,6 +342,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     no scipy.linalg.sqrtm (whose `disp` argument SciPy removed)."""
     mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
     s1, s2 = np.atleast_2d(s1), np.atleast_2d(s2)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise UserError(f"the two statistics have different dimensions ({mu1.shape[0]} and {mu2.shape[0]}); "
+                        "both must come from this Inception network's 2048 pool3 features")
     w, V = np.linalg.eigh(s1)
     root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T            # S1^(1/2)
     middle = root1 @ s2 @ root1
@@ -320,10 +353,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits."""
+    """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits of the N images at
+    i * N // splits, as improved-GAN and torch-fidelity split them."""
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), 1)
+    N, splits = logp.shape[0], min(splits, logp.shape[0])
     scores = []
-    for part in logp.chunk(splits):
+    for i in range(splits):
+        part = logp[i * N // splits:(i + 1) * N // splits]
         p_y = torch.logsumexp(part, 0) - np.log(part.shape[0])  # log of the marginal
         scores.append(float(torch.exp((part.exp() * (part - p_y)).sum(1).mean())))
     return float(np.mean(scores)), float(np.std(scores))
@@ -331,14 +367,18 @@ def inception_score(logits, splits=10):
 
 def reference_stats(net, path, batch_size, device):
     """Stored mu / sigma when the file has them (never recomputed), else from its images."""
-    if path.endswith(".npz") and os.path.isfile(path):
+    if check_input(path, "reference") is None:
         with np.load(path) as f:
-            if "mu" in f and "sigma" in f:
-                return f["mu"], f["sigma"]
+            return f["mu"], f["sigma"]
     return statistics(features(net, path, batch_size, device)[0])
 
 
 def main(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    check_input(args.samples, "samples")                        # both inputs, before any work
+    if args.ref:
+        check_input(args.ref, "reference")
     torch.backends.cuda.matmul.allow_tf32 = False               # reference numbers: full fp32
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -355,8 +395,17 @@ def main(args):
         print(f"FID {fid:.4f}  ({args.samples} against {args.ref})")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's lines and shows each flag's default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("samples", help=".npz with arr_0 (N, H, W, 3) uint8, or an image folder")
     p.add_argument("ref", nargs="?", default=None, help="reference: .npz with mu/sigma or arr_0, or an image folder")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: download)")

@@ -12,13 +12,12 @@ the checkpoint; x0_hat is carried into the router of a SharpMoE model.
 import argparse
 import json
 import os
-import sys
 import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sharpmoe as sm
@@ -60,13 +59,21 @@ def save_npz(path, **arrays):
     os.replace(tmp, path)
 
 
-def save_grid(images, path, nrow):
-    """images: (B, H, W, 3) uint8 -> one PNG with a 2-pixel border."""
-    B, H, W, _ = images.shape
-    ncol = -(-B // nrow)
-    grid = Image.new("RGB", (nrow * (W + 2) + 2, ncol * (H + 2) + 2), "white")
+def save_grid(images, path, nrow, labels=None):
+    """images: (B, H, W, 3) uint8 -> one PNG with a 2-pixel border; small images are enlarged to
+    64 pixels. labels: a name above each column."""
+    scale = -(-64 // images.shape[1])
+    B, H, W = images.shape[0], images.shape[1] * scale, images.shape[2] * scale
+    top = 16 if labels else 0
+    grid = Image.new("RGB", (nrow * (W + 2) + 2, top + -(-B // nrow) * (H + 2) + 2), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
+    for j, label in enumerate((labels or [])[:nrow]):
+        while len(label) > 1 and draw.textlength(label, font=font) > W:
+            label = label[:-1]
+        draw.text((2 + j * (W + 2), 2), label, fill="black", font=font)
     for i, img in enumerate(images):
-        grid.paste(Image.fromarray(img), (2 + (i % nrow) * (W + 2), 2 + (i // nrow) * (H + 2)))
+        tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
+        grid.paste(tile, (2 + (i % nrow) * (W + 2), top + 2 + (i // nrow) * (H + 2)))
     grid.save(path)
 
 
@@ -119,24 +126,32 @@ def colormap(a):
     return ((1 - f) * anchors[i] + f * anchors[i + 1]).astype(np.uint8)
 
 
-def report_figure(images, saliency, counts, ts, path, rows=4, scale=4):
-    """Per sample: the image, its saliency map, and expert-count maps at several t."""
+def report_figure(images, saliency, counts, ts, path, max_count, first="sample", rows=4, scale=4):
+    """Per image: the image, its saliency map, and expert-count maps at several t, on one fixed
+    colour scale from 0 to max_count (the most experts a token can get), so that figures of
+    different checkpoints compare; saliency is scaled per image."""
     B, N = saliency.shape
     g, H = int(N ** 0.5), images.shape[1] * scale
     picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
-    cmax = max(float(counts.max()), 1.0)
-    titles = ["sample", "saliency"] + [f"experts t={float(ts[p]):.2f}" for p in picks]
-    canvas = Image.new("RGB", (len(titles) * (H + 4) + 4, 18 + min(rows, B) * (H + 4)), "white")
+    titles = [first, "saliency"] + [f"experts, t={float(ts[p]):.2f}" for p in picks]
+    font = ImageFont.load_default(size=14)
+    top, bar = 24, 40                                           # title row; colour bar below the rows
+    rows = min(rows, B)
+    canvas = Image.new("RGB", (len(titles) * (H + 4) + 4, top + rows * (H + 4) + bar), "white")
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(titles):
-        draw.text((4 + j * (H + 4), 3), title, fill="black")
-    for r in range(min(rows, B)):
+        draw.text((4 + j * (H + 4), 4), title, fill="black", font=font)
+    for r in range(rows):
         s = saliency[r].view(g, g).numpy()
         tiles = [images[r], colormap(s / max(s.max(), 1e-8))]
-        tiles += [colormap(counts[p, r].view(g, g).float().numpy() / cmax) for p in picks]
+        tiles += [colormap(counts[p, r].view(g, g).float().numpy() / max_count) for p in picks]
         for j, tile in enumerate(tiles):
-            im = Image.fromarray(tile).resize((H, H), Image.NEAREST)
-            canvas.paste(im, (4 + j * (H + 4), 18 + r * (H + 4)))
+            canvas.paste(Image.fromarray(tile).resize((H, H), Image.NEAREST), (4 + j * (H + 4), top + r * (H + 4)))
+    x0, y0, w = 4 + 2 * (H + 4), top + rows * (H + 4) + 4, 3 * H     # the bar, under the count maps
+    canvas.paste(Image.fromarray(colormap(np.linspace(0, 1, w)[None].repeat(12, 0))), (x0, y0))
+    for v in (0, max_count // 2, max_count):
+        draw.text((x0 + v / max_count * (w - 1) - 4, y0 + 13), str(v), fill="black", font=font)
+    draw.text((x0 + w + 10, y0), "experts per token", fill="black", font=font)
     canvas.save(path)
 
 
@@ -160,7 +175,8 @@ def routing_report(model, images, counts, ts, out, name):
     print("rank correlation(count, saliency): " + "  ".join(f"t={float(ts[p]):.2f}:{float(corr[p]):+.3f}" for p in picks))
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    report_figure(to_uint8(images), saliency, counts, ts, os.path.join(out, f"report_{name}.png"))
+    report_figure(to_uint8(images), saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
+                  max_count=n_moe * model.cfg.num_experts, first="image" if name == "real" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
     return report
 
@@ -168,7 +184,7 @@ def routing_report(model, images, counts, ts, out, name):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (the paper reports EMA)")
     p.add_argument("--steps", type=int, default=250, help="Euler steps (paper: 250)")
@@ -184,25 +200,33 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="image folder for --real (default: the held-out range of the "
                    "checkpoint's built-in data)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
+    for ok, msg in ((args.steps >= 1, f"--steps {args.steps} must be at least 1"),
+                    (args.num_samples >= 0, f"--num-samples {args.num_samples} must be 0 or more"),
+                    (args.grid >= 0, f"--grid {args.grid} must be 0 (no grid) or more"),
+                    (args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1"),
+                    (args.report_images >= 1, f"--report-images {args.report_images} must be at least 1"),
+                    (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)"),
+                    (not os.path.isfile(args.out), f"--out {args.out} is a file; pass a folder")):
+        if not ok:
+            raise train.UserError(msg)
     return args
 
 
+@torch.no_grad()                                               # scoped: no global grad switch
 def main(args):
     rank, world, device = train.setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
     os.makedirs(args.out, exist_ok=True)
-    torch.set_grad_enabled(False)
 
     # 1. the grid
     if args.grid and rank == 0:
         noise, _ = noise_and_labels(range(args.grid), cfg, args.seed)
         y = torch.arange(args.grid) % cfg.num_classes                # one class per column
         x = sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
-        save_grid(to_uint8(x), os.path.join(args.out, "grid.png"), nrow=min(cfg.num_classes, args.grid))
+        nrow = min(cfg.num_classes, args.grid)
+        save_grid(to_uint8(x), os.path.join(args.out, "grid.png"), nrow, train_args.get("classes"))
         print(f"wrote {args.out}/grid.png")
 
     # 2. samples.npz: sample i on rank i % world
@@ -251,7 +275,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except train.UserError as e:
-        sys.exit(f"error: {train.last_line(e)}")
+    train.run_cli(main, parse_args)

@@ -16,7 +16,7 @@ What is here, top to bottom:
   - SharpMoE part 3, the trajectory routing loss KL(softmax(A) || softmax(M)) against the
     Laplacian saliency M of the clean image
   - the Euler sampler with classifier-free guidance and x0_hat carried into the router, and the
-    routing probe (expert count against saliency, per denoising step).
+    routing probe (expert count against saliency per denoising step, raw and beyond position).
 
 Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
 clean estimate x0_hat = x_t - t v. Symbols: B images of N tokens of width D; E experts; S the
@@ -34,8 +34,16 @@ Choices that are ours where the paper gives none:
   - DiffMoE's thresholds start at 0 (its capacity predictor, Linear(D, D)-SiLU-Linear(D, E), is
     as in DiffMoE's code).
   - Gates are softmax probabilities over experts and are not renormalized after selection.
+  - Beside the paper's routing loss (the defaults), three options, measured in README: a
+    count-aware routed mass (`mass="count"`: under expert choice the paper's gate mass can lower
+    a token's expert count when the loss raises its mass), one KL per step instead of one on the
+    trajectory sum (`target="step"`), and a position-debiased saliency target (`saliency_mean`).
+  - Every iteration's randomness (timesteps, noise, label drops) is drawn once, up front
+    (training_noise), so that train.py can draw it for the global batch: runs do not depend on
+    the number of GPUs.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -310,7 +318,8 @@ class MoE(nn.Module):
         elif self.training:                                     # diffmoe, fixed capacity
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
-            aux = self.train_capacity_predictor(flat, mask)
+            if torch.is_grad_enabled():                         # (a no-grad pre-pass must not move the thresholds)
+                aux = self.train_capacity_predictor(flat, mask)
         else:                                                   # diffmoe, dynamic capacity
             cap_scores = self.capacity_predictor(flat).sigmoid()
             mask = threshold_choice(gates, cap_scores, self.thresholds)
@@ -476,35 +485,6 @@ def expert_count(routes):
     return sum(mask.sum(-1) for _, mask in routes)
 
 
-# The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
-# ec, the whole batch's tokens for diffmoe (tc has no per-token count to shape).
-POOL_DIMS = {"ec": (1,), "diffmoe": (0, 1)}
-SOFT_COUNT_WIDTH = 0.1     # tau as a fraction of the spread of an expert's gates in its pool (ours)
-
-
-def routed_mass(routes, rule, mass="gate"):
-    """A for one step, (B, N), summed over MoE layers l and experts e, differentiable through the
-    gates. mass="gate", the paper's: A_i = sum 1[token i selected by e] * gates_l(i, e). Under
-    expert choice, raising it moves a token's gates onto the experts that already chose it,
-    away from all others: it can lower the token's count (README, "Mass is not count").
-    mass="count", ours: a soft count, A_i = sum sigmoid((gates_l(i, e) - theta) / tau), theta
-    the midpoint between the weakest selected and the strongest rejected gate of expert e in its
-    pool, tau a fraction of that expert's gate spread (both detached): raising it raises the
-    token's gate where the token is near an expert's cut, so it gains experts."""
-    if mass == "gate":
-        return sum((mask * gates).sum(-1) for gates, mask in routes)
-    A = 0.0
-    for gates, mask in routes:
-        pool = POOL_DIMS[rule]
-        with torch.no_grad():
-            weakest_in = torch.where(mask, gates, torch.inf).amin(pool, keepdim=True)
-            strongest_out = torch.where(mask, -torch.inf, gates).amax(pool, keepdim=True)
-            theta = (weakest_in + strongest_out) / 2            # (B or 1, 1, E): each expert's cut
-            tau = SOFT_COUNT_WIDTH * gates.std(pool, keepdim=True) + 1e-12
-        A = A + torch.sigmoid((gates - theta) / tau).sum(-1)
-    return A
-
-
 # ----------------------------------------------------------------------------------------------
 # Losses: rectified flow, the SharpMoE trajectory, saliency and the routing loss
 
@@ -567,13 +547,40 @@ def standardize(a):
 
 def routing_loss(A, M, temp=1.0):
     """KL(softmax(A) || softmax(M)) over the tokens of each image, averaged over images.
-    A, M: (B, N); both standardized per image first (our choice, see the docstring).
-    Measured (README, "What we measured"): with expert choice, pushing A up concentrates a
-    token's softmax gates on the experts that chose it, so lambda >= 1 lowered count-saliency
-    correlation at our scale; the routed mass, not the count, is what this loss aligns."""
+    A, M: (B, N); both standardized per image first (our choice, see the docstring). Which A it
+    aligns with M decides what it does to expert counts: see routed_mass."""
     log_p = F.log_softmax(standardize(A) / temp, dim=-1)
     log_q = F.log_softmax(standardize(M) / temp, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+# The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
+# ec, the whole batch's tokens for diffmoe (tc has no per-token count to shape).
+POOL_DIMS = {"ec": (1,), "diffmoe": (0, 1)}
+SOFT_COUNT_WIDTH = 0.1     # tau as a fraction of the spread of an expert's gates in its pool (ours)
+
+
+def routed_mass(routes, rule, mass="gate"):
+    """A for one step, (B, N), summed over MoE layers l and experts e, differentiable through the
+    gates. mass="gate", the paper's: A_i = sum 1[token i selected by e] * gates_l(i, e). Under
+    expert choice, raising it moves a token's gates onto the experts that already chose it,
+    away from all others: it can lower the token's count (README, "Mass is not count").
+    mass="count", ours: a soft count, A_i = sum sigmoid((gates_l(i, e) - theta) / tau), theta
+    the midpoint between the weakest selected and the strongest rejected gate of expert e in its
+    pool, tau a fraction of that expert's gate spread (both detached): raising it raises the
+    token's gate where the token is near an expert's cut, so it gains experts."""
+    if mass == "gate":
+        return sum((mask * gates).sum(-1) for gates, mask in routes)
+    A = 0.0
+    for gates, mask in routes:
+        pool = POOL_DIMS[rule]
+        with torch.no_grad():
+            weakest_in = torch.where(mask, gates, torch.inf).amin(pool, keepdim=True)
+            strongest_out = torch.where(mask, -torch.inf, gates).amax(pool, keepdim=True)
+            theta = (weakest_in + strongest_out) / 2            # (B or 1, 1, E): each expert's cut
+            tau = SOFT_COUNT_WIDTH * gates.std(pool, keepdim=True) + 1e-12
+        A = A + torch.sigmoid((gates - theta) / tau).sum(-1)
+    return A
 
 
 def unroll(model, x0, y, ts, eps, oracle=False):
@@ -619,6 +626,47 @@ def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", 
         L_routing = sum(routing_loss(A, M, temp) for A in As) / T
     stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts))
     return fm + lam * L_routing, aux, stats
+
+
+def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", target="trajectory",
+                                 saliency_mean=None, oracle=False, forward_context=nullcontext, no_sync=nullcontext):
+    """Back-propagates exactly what trajectory_loss(...) + aux would, holding one step's graph
+    at a time instead of T. x0_hat is detached between steps, so the steps are coupled only
+    through A summed over the trajectory: (1) a no-grad unroll gives that sum and, on a detached
+    leaf, g = dL_routing / dA; (2) each step runs again with grad and back-propagates its own
+    fm_k / T + aux_k / T + lam * <g, A_k> before the next. With target "step" each step's loss is
+    complete on its own and (1) is skipped. forward_context wraps each forward (autocast);
+    no_sync (DDP's) wraps all but the last step, so gradients are all-reduced once. Returns the
+    stats of trajectory_loss."""
+    ts, eps, drop = noise
+    T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
+    routed = cfg.router != "tc"
+    M = laplacian_saliency(x0, cfg.patch_size)
+    if saliency_mean is not None:
+        M = M - saliency_mean
+    coupled = routed and target == "trajectory"
+    if coupled:                                                 # (1)
+        with torch.no_grad(), forward_context():
+            A = sum(routed_mass(r, cfg.router, mass).float() for *_, r in unroll(model, x0, y, ts, eps, oracle))
+        A.requires_grad_(True)
+        L_routing = routing_loss(A, M, temp)
+        g, = torch.autograd.grad(L_routing, A)                  # (B, N)
+    fm_sum, step_losses, counts, steps = 0.0, 0.0, [], unroll(model, x0, y, ts, eps, oracle)
+    for k in range(T):                                          # (2)
+        with no_sync() if k < T - 1 else nullcontext():
+            with forward_context():
+                t, xt, v, aux, routes = next(steps)
+                fm = F.mse_loss(v.float(), eps - x0) / T
+                loss = fm + aux / T
+                if coupled:
+                    loss = loss + lam * (g * routed_mass(routes, cfg.router, mass).float()).sum()
+                elif routed:
+                    L_k = routing_loss(routed_mass(routes, cfg.router, mass).float(), M, temp) / T
+                    loss, step_losses = loss + lam * L_k, step_losses + L_k.detach()
+            loss.backward()
+        fm_sum, counts = fm_sum + fm.detach(), counts + [expert_count(routes).detach()]
+    routing = L_routing.detach() if coupled else (step_losses if routed else fm_sum * 0)
+    return dict(fm=fm_sum, routing=routing, counts=torch.stack(counts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -698,21 +746,20 @@ PROBE_T = (0.999, 0.95, 0.875, 0.8, 0.65, 0.5, 0.35, 0.2, 0.125, 0.05)
 
 
 @torch.no_grad()
-def routing_probe(model, x0, y, eps, ts=PROBE_T):
+def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
     """The paper's key measurement, per denoising step, on fixed images x0 (held out from
     training), labels y and noise eps: one noised trajectory per image with x0_hat chained from
     t = 0.999 as in training and sampling. Returns (T,) tensors: `corr`, the mean rank
     correlation between each token's expert count (summed over MoE layers) and its Laplacian
-    saliency; `corr_pos`, the same against the saliency left after subtracting the probe set's
-    mean saliency at each token position (a router that learned only "the centre is salient"
-    scores 0 here); `loss`, the flow-matching loss at the same t and noise; and `counts` (T, B, N)."""
+    saliency; `corr_pos`, position_controlled_correlation (a router that learned only "the
+    centre is salient" scores 0 there); `loss`, the flow-matching loss at the same t and noise;
+    and `counts` (T, B, N). `oracle`: route with the true x0 (for a model trained with it)."""
     mode = model.training
     model.eval()
     M = laplacian_saliency(x0, model.cfg.patch_size)            # (B, N)
-    M_pos = M - M.mean(0, keepdim=True)                         # position-controlled
     ts = torch.tensor(ts, device=x0.device)[:, None].expand(-1, x0.shape[0])
     out = dict(corr=[], corr_pos=[], loss=[], counts=[])
-    for t, xt, v, _, routes in unroll(model, x0, y, ts, eps):
+    for t, xt, v, _, routes in unroll(model, x0, y, ts, eps, oracle):
         count = expert_count(routes)
         out["corr"].append(rank_correlation(count, M).mean())
         out["corr_pos"].append(position_controlled_correlation(count, M))

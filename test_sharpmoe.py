@@ -63,7 +63,7 @@ def test_identical_experts_give_routed_mass_times_the_mlp(router):
         moe.experts.b2.copy_(mlp.fc2.bias.expand_as(moe.experts.b2))
     x = torch.randn(3, cfg.num_tokens, cfg.width)
     out, _, (gates, mask) = moe(x)
-    A = sm.routed_mass([(gates, mask)])                         # (B, N)
+    A = sm.routed_mass([(gates, mask)], router)                 # (B, N), the paper's gate mass
     assert A.min() < 0.9                                        # the gates really weight the output
     torch.testing.assert_close(out, A.unsqueeze(-1) * mlp(x), rtol=1e-5, atol=1e-5)
 
@@ -287,7 +287,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     fails("fewer than --global-batch-size", "--builtin-size", "4")
     fails("give ec experts no capacity", "--num-experts", "128")
     train.main(train_args(tmp_path / "ec", "--router", "ec", "--steps", "1"))
-    fails(r"another config \(router: 'ec' != 'tc'", "--router", "tc", "--resume", str(tmp_path / "ec" / "last.pt"))
+    fails(r"other flags: --router ec \(now tc\)", "--router", "tc", "--resume", str(tmp_path / "ec" / "last.pt"))
+    other = torch.load(tmp_path / "ec" / "last.pt", weights_only=True)   # same flags, another config
+    other["config"]["sal_hidden"] = 7
+    torch.save(other, tmp_path / "other.pt")
+    fails(r"another config \(sal_hidden: 7 != 64\)", "--router", "ec", "--resume", str(tmp_path / "other.pt"))
     train.main(train_args(tmp_path / "sharp", "--init", str(tmp_path / "ec" / "last.pt"), "--trajectory-steps", "2", "--steps", "1"))
     fails("already a SharpMoE model", "--init", str(tmp_path / "sharp" / "last.pt"), "--sharpmoe", "off")
     old = torch.load(tmp_path / "ec" / "last.pt", weights_only=True)   # a checkpoint of an older version
@@ -301,24 +305,76 @@ def test_bad_inputs_give_clear_errors(tmp_path):
           "blocks.1.ffn.router.weight", "--init", str(tmp_path / "old.pt"))
 
 
+def test_nonsense_flags_and_broken_checkpoints_are_refused_in_one_line(tmp_path):
+    def fails(match, *args):
+        with pytest.raises(train.UserError, match=match):
+            train.main(train_args(tmp_path / "run", *args))
+    for flag, value, says in (("--global-batch-size", "0", "at least 1"), ("--global-batch-size", "-8", "at least 1"),
+                              ("--steps", "0", "at least 1"), ("--trajectory-steps", "0", "at least 2"),
+                              ("--trajectory-steps", "1", "step 1 has no x0_hat"), ("--lr", "nan", "positive number"),
+                              ("--lr", "inf", "positive number"), ("--routing-weight", "-1", "0 or more"),
+                              ("--ema", "1", r"in \[0, 1\)"), ("--ema", "-0.1", r"in \[0, 1\)")):
+        fails(f"{flag} {value} must .*{says}", flag, value)
+    good = tmp_path / "good"
+    train.main(train_args(good, "--steps", "2"))
+    ckpt = (good / "last.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(ckpt[:len(ckpt) // 2])
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    for bad in ("truncated.pt", "random.pt"):
+        for flag in ("--init", "--resume"):
+            with pytest.raises(train.UserError, match=f"{bad} is not a readable train.py checkpoint") as e:
+                train.main(train_args(tmp_path / "run2", flag, str(tmp_path / bad)))
+            assert "weights_only=False" not in str(e.value)    # never pass torch's unsafe advice on
+    fails(r"was run with other flags: --lr 0.0001 \(now 0.001\)", "--lr", "1e-3", "--resume", str(good / "last.pt"))
+    fails(r"was run with other flags: --global-batch-size 8 \(now 16\)", "--global-batch-size", "16",
+          "--resume", str(good / "last.pt"))
+    post = tmp_path / "post"
+    train.main(train_args(post, "--init", str(good / "last.pt"), "--trajectory-steps", "2", "--steps", "1"))
+    fails(r"other flags: .*--init .*last.pt \(now None\)", "--preset", "L", "--resume", str(post / "last.pt"))
+
+
+def test_a_diverged_run_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = sm.flow_loss, []
+
+    def nan_on_third_call(*args):
+        calls.append(1)
+        loss, aux, routes = real(*args)
+        return (loss * float("nan") if len(calls) == 3 else loss), aux, routes
+    monkeypatch.setattr(sm, "flow_loss", nan_on_third_call)
+    with pytest.raises(train.UserError, match="became NaN or infinite at step 3: training diverged"):
+        train.main(train_args(tmp_path, "--ckpt-every", "1", "--log-every", "1"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert "nan" not in open(tmp_path / "log.txt").read()
+    monkeypatch.setattr(sm, "flow_loss", real)
+    train.main(train_args(tmp_path, "--ckpt-every", "1", "--log-every", "1", "--resume", str(tmp_path / "last.pt")))
+    log = open(tmp_path / "log.txt").read()
+    assert f"RESUMED from {tmp_path}/last.pt" in log and "step 2 of 4" in log
+
+
 def test_unreadable_image_names_the_file_in_one_line(tmp_path):
     for c in ("cat", "dog"):
         (tmp_path / c).mkdir()
-        for i in range(4):
-            Image.fromarray(np.full((40, 48, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+        for i in range(10):
+            Image.fromarray(np.full((40, 48, 3), 20 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "dog" / "2.png").write_bytes(b"not a png")
-    r = run_cli("--preset", "tiny", "--data", str(tmp_path), "--steps", "2", "--global-batch-size", "8",
-                "--num-workers", "1", "--out", str(tmp_path / "run"))
+    r = run_cli("--preset", "tiny", "--data", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
+                "--num-workers", "1", "--out", str(tmp_path / "run"))   # 3 epochs: the bad image is read
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == f"error: cannot read image {tmp_path}/dog/2.png (UnidentifiedImageError); fix or remove it"
     assert "Traceback" not in r.stderr
 
 
-def test_global_batch_not_divisible_by_world_size(tmp_path):
+def test_global_batch_not_divisible_by_world_size_is_said_once(tmp_path):
     r = run_cli("--preset", "tiny", "--global-batch-size", "7", "--steps", "1", "--out", str(tmp_path), torchrun=True)
     assert r.returncode != 0
-    assert "error: --global-batch-size 7 is not divisible by the world size 2; use a multiple of 2" in r.stderr
-    assert "train.py\", line" not in r.stderr                 # (torchrun prints its own traceback)
+    assert r.stderr.count("error: --global-batch-size 7 is not divisible by the world size 2; use a multiple of 2") == 1
+    assert "train.py\", line" not in r.stderr                 # (torchrun prints its own summary)
+
+
+def test_help_shows_defaults():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert "AdamW learning rate (default: 0.0001)" in r.stdout and "EMA decay (default: 0.9999)" in r.stdout
 
 
 def test_folder_data_center_crop(tmp_path):
@@ -438,7 +494,7 @@ def test_routing_loss_prefers_saliency_and_reaches_both_routers():
     model = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny("ec"))))
     x, y = batch()
     _, _, routes = model(x, torch.full((4,), 0.5), y, x0_hat=x)
-    sm.routing_loss(sm.routed_mass(routes), sm.laplacian_saliency(x, 4)).backward()
+    sm.routing_loss(sm.routed_mass(routes, "ec"), sm.laplacian_saliency(x, 4)).backward()
     for layer in model.moe_layers():
         assert layer.pre_router.weight.grad.abs().sum() > 0
         assert layer.sal_router.fc2.weight.grad.abs().sum() > 0
@@ -568,8 +624,60 @@ def test_held_out_images_are_never_trained_on(tmp_path):
         for i in range(300):
             Image.fromarray(np.full((8, 8, 3), i % 256, np.uint8)).save(tmp_path / c / f"{i}.png")
     data, held_out = train.make_datasets(train_args(tmp_path, "--data", str(tmp_path), "--image-size", "8"))
-    assert len(held_out) == train.PROBE_IMAGES and len(data) == 600 - train.PROBE_IMAGES
+    assert len(held_out) == 60 and len(data) == 540                # a tenth
     assert not set(data.files) & set(held_out.files) and {y for _, y in held_out.files} == {0, 1}
+
+
+@pytest.mark.parametrize("router", MOE_ROUTERS)
+@pytest.mark.parametrize("mass,target,residual", [("gate", "trajectory", False), ("count", "trajectory", True),
+                                                  ("count", "step", False)])
+def test_stepwise_backward_gives_the_unrolled_gradient(router, mass, target, residual):
+    """One step's graph at a time, the same parameter gradient (1e-5 relative), the same
+    DiffMoE thresholds afterwards, the same logged statistics."""
+    torch.manual_seed(15)
+    unrolled = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny(router))))
+    with torch.no_grad():                                       # a trained R_sal, so that it matters
+        for layer in unrolled.moe_layers():
+            layer.sal_router.fc2.weight.normal_(std=0.5)
+    stepwise = deepcopy(unrolled)
+    x0, y = batch(8)
+    noise = sm.training_noise(unrolled.cfg, 8, T=3, generator=torch.Generator().manual_seed(16))
+    kw = dict(lam=0.5, mass=mass, target=target, saliency_mean=torch.rand(unrolled.cfg.num_tokens) if residual else None)
+    loss, aux, stats = sm.trajectory_loss(unrolled, unrolled.cfg, x0, y, noise, **kw)
+    (loss + aux).backward()
+    stats_stepwise = sm.trajectory_backward_stepwise(stepwise, stepwise.cfg, x0, y, noise, **kw)
+    for (name, p), q in zip(unrolled.named_parameters(), stepwise.parameters()):
+        assert (q.grad - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-10, name
+    for a, b in zip(unrolled.buffers(), stepwise.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(stats_stepwise["fm"], stats["fm"])
+    torch.testing.assert_close(stats_stepwise["routing"], stats["routing"])
+    assert torch.equal(stats_stepwise["counts"], stats["counts"])
+
+
+def test_stepwise_all_reduces_once_per_iteration(tmp_path):
+    """Under DDP the stepwise path back-propagates T times but syncs gradients once (no_sync on
+    all but the last step): counted with a communication hook, in a 1-process gloo group."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        calls = []
+
+        def counting_allreduce(state, bucket):
+            calls.append(1)
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+        model = sm.add_saliency_routers(pretrained_like(sm.DiT(tiny("ec"))))
+        ddp = DDP(model)
+        ddp.register_comm_hook(None, counting_allreduce)
+        x0, y = batch(4)
+        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.training_noise(model.cfg, 4, T=3), no_sync=ddp.no_sync)
+        once = len(calls)
+        calls.clear()
+        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.training_noise(model.cfg, 4, T=3))   # no no_sync
+        assert once >= 1 and len(calls) == 3 * once
+    finally:
+        dist.destroy_process_group()
 
 
 def test_post_training_under_torchrun_agrees_with_one_process(tmp_path):
@@ -745,6 +853,21 @@ def test_sample_py_grid_npz_deterministic_and_report(tmp_path, sharp_ckpt):
     assert json.load(open(tmp_path / "a" / "report_real.json"))["what"] == "real"
 
 
+def test_sample_py_refuses_bad_input_in_one_line(tmp_path, sharp_ckpt):
+    import sample
+    (tmp_path / "truncated.pt").write_bytes(sharp_ckpt.read_bytes()[:5000])
+    (tmp_path / "a_file").write_text("x")
+    base = ["--ckpt", str(sharp_ckpt), "--steps", "2", "--out", str(tmp_path / "out")]
+    for args, says in ((["--num-samples", "-1"], "--num-samples -1 must be 0 or more"),
+                       (["--grid", "-1"], "--grid -1 must be 0"), (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+                       (["--cfg-scale", "-1"], "--cfg-scale -1.0 must be 0 or more"),
+                       (["--out", str(tmp_path / "a_file")], "is a file; pass a folder")):
+        with pytest.raises(train.UserError, match=says):
+            sample.main(sample.parse_args(base + args))
+    with pytest.raises(train.UserError, match="truncated.pt is not a readable train.py checkpoint"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path / "truncated.pt")]))
+
+
 def test_sample_py_under_torchrun_matches_one_process(tmp_path, sharp_ckpt):
     args = ["--ckpt", str(sharp_ckpt), "--steps", "3", "--num-samples", "5", "--grid", "0"]
     r = run_sample(*args, "--out", str(tmp_path / "two"), torchrun=True)
@@ -840,6 +963,10 @@ def test_npz_and_folder_inputs_round_trip(tmp_path):
     with np.load(tmp_path / "s.npz") as f:
         assert np.array_equal(f["arr_0"], arr)                  # a standard .npz
     assert np.array_equal(np.concatenate(list(fid.npz_batches(str(tmp_path / "s.npz"), 3))), arr)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                          # torch warns on read-only arrays
+        torch.from_numpy(next(fid.npz_batches(str(tmp_path / "s.npz"), 3)))
     (tmp_path / "imgs").mkdir()
     for i, a in enumerate(arr):
         Image.fromarray(a).save(tmp_path / "imgs" / f"{i}.png")
@@ -861,6 +988,60 @@ def test_inception_score_and_sample_count_checks(tmp_path):
     assert np.array_equal(mu, np.ones(3)) and np.array_equal(sigma, np.eye(3))
 
 
+def reference_inception_score(logits, splits=10):
+    """improved-GAN's loop: split at i * N // splits, exp of the mean KL(p(y|x) || p(y))."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    N, scores = len(p), []
+    for i in range(splits):
+        part = p[i * N // splits:(i + 1) * N // splits]
+        py = part.mean(0, keepdims=True)
+        scores.append(np.exp((part * (np.log(part) - np.log(py))).sum(1).mean()))
+    return np.mean(scores), np.std(scores)
+
+
+@pytest.mark.parametrize("N", [11, 61, 64])
+def test_inception_score_splits_like_the_references(N):
+    logits = np.random.default_rng(N).normal(size=(N, 1008)) * 3
+    np.testing.assert_allclose(fid.inception_score(logits), reference_inception_score(logits), rtol=1e-9)
+
+
+def test_is_logits_have_no_bias_and_statistics_match_numpy():
+    torch.manual_seed(0)
+    net = fid.FIDInception().eval()
+    torch.nn.init.normal_(net.fc.bias)                          # a bias that must not count
+    with torch.no_grad():
+        pool3, logits = net(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8))
+    torch.testing.assert_close(logits, pool3 @ net.fc.weight.t())
+    feats = np.random.default_rng(1).normal(size=(300, 7)).astype(np.float32)
+    mu, sigma = fid.statistics(feats, chunk=64)
+    np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def test_fid_inputs_are_checked_before_any_work(tmp_path):
+    import sample
+    rng = np.random.default_rng(0)
+    sample.save_npz(str(tmp_path / "s.npz"), arr_0=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "labels_only.npz", arr_1=np.arange(3))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    (tmp_path / "not_zip.npz").write_bytes(b"hello")
+    for path, role, says in (("labels_only.npz", "samples", "has no arr_0"), ("labels_only.npz", "reference", "has no arr_0"),
+                             ("not_zip.npz", "samples", "neither an image folder nor an .npz"),
+                             ("stats.npz", "samples", r"it is a reference, and fid.py takes the samples first: python fid.py SAMPLES")):
+        with pytest.raises(train.UserError, match=says):
+            fid.check_input(str(tmp_path / path), role)
+    assert fid.check_input(str(tmp_path / "stats.npz"), "reference") is None and fid.check_input(str(tmp_path / "s.npz"), "samples") == 3
+    with pytest.raises(train.UserError, match="different dimensions .2048 and 3."):
+        fid.frechet_distance(np.zeros(2048), np.eye(2048), np.zeros(3), np.eye(3))
+    (tmp_path / "mixed").mkdir()                                # one behaviour, whatever the batch size
+    for i, size in enumerate((8, 8, 8, 9)):
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / "mixed" / f"{i}.png")
+    for batch_size in (1, 50):
+        with pytest.raises(train.UserError, match=r"differ in size \(8x8 .*0.png, 9x9 .*3.png\)"):
+            fid.features(None, str(tmp_path / "mixed"), batch_size, "cpu")
+
+
 def test_fid_cli_end_to_end_with_random_weights(tmp_path):
     import sample
     torch.manual_seed(0)
@@ -871,7 +1052,7 @@ def test_fid_cli_end_to_end_with_random_weights(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         sample.save_npz(str(tmp_path / f"{name}.npz"), arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
-    run = lambda *a: subprocess.run([sys.executable, "fid.py", *a, "--inception-weights", str(weights), "--batch-size", "2"],
+    run = lambda *a: subprocess.run([sys.executable, "fid.py", "--inception-weights", str(weights), "--batch-size", "2", *a],
                                     cwd=HERE, capture_output=True, text=True, timeout=300)
     r1 = run(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
     assert r1.returncode == 0, r1.stderr[-2000:]
@@ -883,6 +1064,11 @@ def test_fid_cli_end_to_end_with_random_weights(tmp_path):
     assert fid_line(r1) == fid_line(r3)
     r4 = run(str(tmp_path / "missing.npz"))
     assert r4.returncode != 0 and r4.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/missing.npz does not exist"
+    np.savez(tmp_path / "labels.npz", arr_1=np.arange(3))
+    r5 = run(str(tmp_path / "a.npz"), str(tmp_path / "labels.npz"))     # a bad REF: refused before any work
+    assert r5.returncode != 0 and "Inception Score" not in r5.stdout and "has no arr_0" in r5.stderr
+    r6 = run(str(tmp_path / "a.npz"), "--batch-size", "0")
+    assert r6.returncode != 0 and r6.stderr.strip().splitlines()[-1] == "error: --batch-size 0 must be at least 1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,7 +1081,7 @@ def test_compare_runs_every_setting_for_every_seed_and_resumes(tmp_path, monkeyp
             "--trajectory-steps", "2", "--lambdas", "0.01", "--global-batch-size", "8", "--num-workers", "0",
             "--eval-images", "8", "--builtin-size", "64"]
     results = compare.main(compare.parse_args(argv))
-    names = ["pretrained", "control-steps", "control-compute", "dual-only", "paper", "count-trajectory-0.01",
+    names = ["pretrained", "control-steps", "control-compute", "dual-only", "paper", "paper-lambda-0.1", "count-trajectory-0.01",
              "count-step-0.01", "count-step-residual-0.01"]
     assert list(results)[:-1] == names and list(results)[-1].startswith("oracle (count-")
     saved = json.load(open(tmp_path / "cmp" / "results.json"))
@@ -905,3 +1091,5 @@ def test_compare_runs_every_setting_for_every_seed_and_resumes(tmp_path, monkeyp
     assert table.count("| count-step-residual-0.01 |") == 4                 # three per-step tables + quintiles
     monkeypatch.setattr(train, "main", lambda args: pytest.fail("a finished run was trained again"))
     compare.main(compare.parse_args(argv))
+    only = compare.main(compare.parse_args(argv + ["--out", str(tmp_path / "only"), "--pretrained-only"]))
+    assert list(only) == ["pretrained"] and only["pretrained"][0]["corr"] == saved["per_seed"]["pretrained"][0]["corr"]

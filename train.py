@@ -13,10 +13,12 @@ continues with the same command plus --resume OUT/last.pt.
 """
 import argparse
 import itertools
+import math
 import os
 import re
 import sys
 import time
+from contextlib import nullcontext
 from copy import copy, deepcopy
 from dataclasses import asdict, fields
 
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import sharpmoe as sm
-from fid import IMAGE_EXTENSIONS, UserError                   # fid.py stands alone; they live there
+from fid import IMAGE_EXTENSIONS, HelpFormatter, UserError    # fid.py stands alone; they live there
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,13 +182,16 @@ class ImageFolder(Dataset):
 
 
 def make_datasets(args):
-    """(training set, held-out set): --data and --val-data (or PROBE_IMAGES images split off
-    --data), or the built-in data and 1024 images of its held-out index range."""
+    """(training set, held-out set): --data and --val-data (or a tenth of --data, at most
+    PROBE_IMAGES images, split off), or the built-in data and 1024 of its held-out images."""
     if not args.data:
         make = BUILTIN[args.builtin]
         return make(args.image_size, args.builtin_size), make(args.image_size, 1024, start=HELD_OUT)
     data = ImageFolder(args.data, args.image_size)
-    held_out = ImageFolder(args.val_data, args.image_size) if args.val_data else data.split_off(PROBE_IMAGES)
+    if args.val_data:
+        held_out = ImageFolder(args.val_data, args.image_size)
+    else:                                                      # a tenth, at most PROBE_IMAGES
+        held_out = data.split_off(max(1, min(PROBE_IMAGES, len(data) // 10)))
     if held_out.classes != data.classes:
         raise UserError(f"--val-data {args.val_data} has other classes than --data {args.data}; "
                         "give it the same class subfolders")
@@ -230,9 +235,17 @@ def setup_distributed():
 
 
 def load_checkpoint(path):
+    """A checkpoint of train.py, loaded with weights_only=True (a checkpoint must not run code)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                     # truncated, random bytes, a pickle with code
+        raise UserError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:80]}); it may be truncated or another kind of file")
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a train.py checkpoint (it has no model weights and config)")
+    return ckpt
 
 
 def checkpoint_config(ckpt, path):
@@ -345,7 +358,7 @@ def position_saliency(data, patch_size, n=2048, batch=256):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE (default: the built-in shapes)")
     p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
     p.add_argument("--builtin", choices=tuple(BUILTIN), default="strokes", help="built-in data when --data is not given")
@@ -373,6 +386,8 @@ def parse_args(argv=None):
                    help="M as is (paper), or minus the training data's mean saliency per token position (ours)")
     p.add_argument("--sal-hidden", type=int, default=64, help="hidden width of R_sal (our choice)")
     p.add_argument("--oracle", action="store_true", help="route with the true clean x0 instead of x0_hat (ablation)")
+    p.add_argument("--post-path", choices=("unrolled", "stepwise"), default="stepwise",
+                   help="post-training backward: all T graphs at once, or one step's at a time (the same gradient; README)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 500000, or 100000 with --init)")
     p.add_argument("--global-batch-size", type=int, default=256, help="images per step over all ranks")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -385,7 +400,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same command otherwise)")
     p.add_argument("--ckpt-every", type=int, default=5000, help="write OUT/last.pt every this many steps")
     p.add_argument("--log-every", type=int, default=100, help="log every this many steps")
-    p.add_argument("--num-workers", type=int, default=4, help="data-loader workers per rank")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader workers per rank (default: the cores per rank less one, 1 to 4)")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 100_000 if args.init else 500_000
@@ -395,26 +411,68 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Main
 
+# Flags a resumed run may change; every other flag must be the one the run started with.
+RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers", "out", "post_path")
+
+
+def check_args(args):
+    """Refuse nonsense before anything is built, in one line."""
+    finite = lambda v: math.isfinite(v)
+    for ok, msg in ((args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
+                    (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
+                    (args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
+                     "step 1 has no x0_hat to route with (the paper uses 10)"),
+                    (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
+                    (finite(args.routing_weight) and args.routing_weight >= 0,
+                     f"--routing-weight {args.routing_weight:g} must be 0 or more (the paper: 0.001)"),
+                    (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
+                    (finite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g} must be 0 or more"),
+                    (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
+                    (finite(args.routing_temp) and args.routing_temp > 0, f"--routing-temp {args.routing_temp:g} must be positive"),
+                    (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be at least 1"),
+                    (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")):
+        if not ok:
+            raise UserError(msg)
+
+
+def check_resume(args, ckpt):
+    """A resumed run continues exactly: the flags that shaped it must not change."""
+    old = ckpt.get("args", {})
+    now = vars(args)
+    differ = [f"--{k.replace('_', '-')} {old[k]} (now {now[k]})" for k in now
+              if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
+    if differ:
+        raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; resume with the "
+                        "same flags (only --steps, --log-every, --ckpt-every, --num-workers, --post-path may change), or start a new --out")
+
+
 def main(args):
     """Train; returns the (unwrapped) model and its EMA."""
     # 1. setup
+    check_args(args)
+    resume_path = args.resume
+    if resume_path is None and os.path.exists(os.path.join(args.out, "last.pt")):
+        raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
+                        "continue it, or pick another --out")
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt:
+        check_resume(args, ckpt)
     rank, world, device = setup_distributed()
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                         f"world size {world}; use a multiple of {world}")
     local_batch = args.global_batch_size // world
     post = args.init is not None and args.sharpmoe == "on"
-    resume_path = args.resume
-    if resume_path is None and os.path.exists(os.path.join(args.out, "last.pt")):
-        raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
-                        "continue it, or pick another --out")
 
     # 2. data
     data, held_out = make_datasets(args)
     num_classes = len(data.classes)
     sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True)
+    workers = args.num_workers
+    if workers is None:                                        # the cores of this rank, less the trainer's
+        workers = max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    loader = DataLoader(data, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
     steps_per_epoch = len(data) // args.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(f"the data has {len(data)} images, fewer than --global-batch-size "
@@ -433,7 +491,6 @@ def main(args):
     if post and args.saliency_target == "residual":
         saliency_mean = position_saliency(data, cfg.patch_size).to(device)
     if resume_path:
-        ckpt = load_checkpoint(resume_path)
         diff = sm.config_diff(checkpoint_config(ckpt, resume_path), cfg)
         if diff:
             raise UserError(f"--resume {resume_path} is a checkpoint of another config ({'; '.join(diff)}); "
@@ -463,33 +520,46 @@ def main(args):
     n_params = sum(p.numel() for p in raw.parameters())
     log(f"{'post-training (SharpMoE)' if post else 'control continuation' if args.init else 'pretraining'}: "
         f"{cfg.router} router, {n_params / 1e6:.2f}M parameters, {len(data)} images, {num_classes} classes, "
-        f"world {world}, device {device}, step {step} of {args.steps}")
+        f"world {world}, device {device}, step {step} of {args.steps}"
+        + (f"; RESUMED from {resume_path} (lines above for steps after {step} came from the killed run)" if resume_path else ""))
 
     # 4. training loop
     probe = RoutingProbe(held_out, device) if n_moe and rank == 0 else None
     if probe:
         log(f"step {step:7d}  {probe(raw)}  (before training)")
     sums, seen, t0 = {}, 0, time.time()                        # running sums of the logged statistics
+    bad_step = torch.zeros((), dtype=torch.long, device=device)   # first step with a non-finite loss (0: none)
     data_iter = batches(loader, step, steps_per_epoch)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
         while step < args.steps:
-            x0, y = next(data_iter)
+            try:
+                x0, y = next(data_iter)
+            except UserError as e:                             # a bad image: this rank's error alone
+                e.rank_local = True
+                raise
             flip, noise = step_noise(args, cfg, T, step, rank, world, device)
             x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)           # random h-flip
-            with autocast:
-                if post:
-                    loss, aux, stats = sm.trajectory_loss(
-                        model, cfg, x0, y, noise, args.routing_weight, args.routing_temp, args.routing_mass,
-                        args.routing_target, saliency_mean, args.oracle)
-                    fm, routing, counts = stats["fm"], stats["routing"], stats["counts"]  # (T, B, N)
-                else:
-                    loss, aux, routes = sm.flow_loss(model, cfg, x0, y, noise)
-                    fm, routing = loss.detach(), torch.zeros((), device=device)
-                    counts = sm.expert_count(routes)[None] if n_moe else None
             opt.zero_grad(set_to_none=True)
-            (loss + aux).backward()
+            routing_args = (args.routing_weight, args.routing_temp, args.routing_mass, args.routing_target,
+                            saliency_mean, args.oracle)
+            if post and args.post_path == "stepwise":              # backward inside, one step's graph at a time
+                stats = sm.trajectory_backward_stepwise(model, cfg, x0, y, noise, *routing_args, forward_context=autocast,
+                                                        no_sync=getattr(model, "no_sync", nullcontext))
+                loss = aux = stats["fm"] + args.routing_weight * stats["routing"]   # (for the finite check)
+            else:
+                with autocast():
+                    if post:
+                        loss, aux, stats = sm.trajectory_loss(model, cfg, x0, y, noise, *routing_args)
+                    else:
+                        loss, aux, routes = sm.flow_loss(model, cfg, x0, y, noise)
+                        stats = dict(fm=loss.detach(), routing=torch.zeros((), device=device),
+                                     counts=sm.expert_count(routes)[None] if n_moe else None)
+                (loss + aux).backward()
+            fm, routing, counts = stats["fm"], stats["routing"], stats["counts"]   # counts: (T, B, N)
+            finite = torch.isfinite(loss.detach() + torch.as_tensor(aux).detach())
+            bad_step = torch.where(finite | (bad_step > 0), bad_step, step + 1)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -504,6 +574,15 @@ def main(args):
                 stats["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
             sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
             pbar.update(1)
+            if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+                if world > 1:                                  # checked before anything is logged or saved
+                    dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+                if bad_step and rank != 0:                     # rank 0 says it, once
+                    sys.exit(1)
+                if bad_step:
+                    raise UserError(f"the loss became NaN or infinite at step {int(bad_step)}: training diverged. "
+                                    f"Nothing after it was saved ({args.out}/last.pt, if any, is the last good one); "
+                                    f"lower --lr ({args.lr:g}) or set --grad-clip 1, and --resume from there")
             if step % args.log_every == 0 or step == args.steps:
                 totals = torch.stack(list(sums.values()))              # the same key order on every rank
                 if world > 1:
@@ -522,7 +601,8 @@ def main(args):
             if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
                 save_checkpoint(os.path.join(args.out, "last.pt"),
                                 dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=asdict(cfg), args=vars(args), saliency_mean=saliency_mean))
+                                     step=step, config=asdict(cfg), args=dict(vars(args), classes=list(data.classes)),
+                                     saliency_mean=saliency_mean))
     log(f"done: {args.out}/last.pt at step {step}")
     if world > 1:
         dist.barrier()
@@ -535,8 +615,19 @@ def last_line(e):
     return re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
 
 
-if __name__ == "__main__":
+def run_cli(main, parse_args):
+    """Run a script's main; bad input ends it with one line, under torchrun printed by rank 0
+    (every rank meets the same bad flag), or by the one rank that met a bad image."""
     try:
         main(parse_args())
     except UserError as e:
-        sys.exit(f"error: {last_line(e)}")
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or getattr(e, "rank_local", False):
+            print(f"error{f' (rank {rank})' if rank else ''}: {last_line(e)}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
