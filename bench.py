@@ -143,7 +143,7 @@ def large_model_estimate(device, T=10, gpu_gb=80):
     in fp32) / (activation bytes per image x T (unrolled) or x 1 (stepwise)), before bf16."""
     print(f"\n4. Estimate for the L preset (ec, 256 tokens, T = {T}) in {gpu_gb} GB: from measured fp32 activations")
     cfg = sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000)
-    model = sm.add_saliency_routers(sm.DiT(cfg)).to(device)
+    model = sm.DiT(cfg).to(device)                             # R_sal would add 0.3% parameters
     x, y = torch.randn(2, 4, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
     per_image = saved_bytes(lambda: (lambda l, a: (l + a).backward())(*loss_of(model, cfg, x, y))) / 2
     params = sum(p.numel() for p in model.parameters())

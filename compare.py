@@ -67,7 +67,8 @@ def train_run(args, name, flags, seed):
     train.main(train.parse_args([
         "--init", args.init, "--seed", str(seed), "--out", out, "--global-batch-size", str(args.global_batch_size),
         "--lr", str(args.lr), "--grad-clip", "1", "--ema", str(args.ema), "--num-workers", str(args.num_workers),
-        "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every), *data_flags(args), *flags, *resume]))
+        "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every), "--probe-images", str(args.probe_images),
+        *data_flags(args), *flags, *resume]))
     return ckpt
 
 
@@ -151,6 +152,7 @@ def parse_args(argv=None):
     p.add_argument("--builtin-size", type=int, default=0, help="built-in training images (0: the checkpoint's)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader workers")
     p.add_argument("--log-every", type=int, default=50, help="log (and checkpoint) every this many steps")
+    p.add_argument("--probe-images", type=int, default=train.PROBE_IMAGES, help="images of each run's logged probe")
     p.add_argument("--pretrained-only", action="store_true", help="measure the --init checkpoint only, train nothing")
     args = p.parse_args(argv)
     ckpt = train.load_checkpoint(args.init)

@@ -637,7 +637,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, 
     fm_k / T + aux_k / T + lam * <g, A_k> before the next. With target "step" each step's loss is
     complete on its own and (1) is skipped. forward_context wraps each forward (autocast);
     no_sync (DDP's) wraps all but the last step, so gradients are all-reduced once. Returns the
-    stats of trajectory_loss."""
+    stats of trajectory_loss, and `aux`, the auxiliary loss it back-propagated."""
     ts, eps, drop = noise
     T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
     routed = cfg.router != "tc"
@@ -651,7 +651,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, 
         A.requires_grad_(True)
         L_routing = routing_loss(A, M, temp)
         g, = torch.autograd.grad(L_routing, A)                  # (B, N)
-    fm_sum, step_losses, counts, steps = 0.0, 0.0, [], unroll(model, x0, y, ts, eps, oracle)
+    fm_sum, aux_sum, step_losses, counts, steps = 0.0, 0.0, 0.0, [], unroll(model, x0, y, ts, eps, oracle)
     for k in range(T):                                          # (2)
         with no_sync() if k < T - 1 else nullcontext():
             with forward_context():
@@ -664,9 +664,10 @@ def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, 
                     L_k = routing_loss(routed_mass(routes, cfg.router, mass).float(), M, temp) / T
                     loss, step_losses = loss + lam * L_k, step_losses + L_k.detach()
             loss.backward()
-        fm_sum, counts = fm_sum + fm.detach(), counts + [expert_count(routes).detach()]
+        fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux).detach() / T
+        counts.append(expert_count(routes).detach())
     routing = L_routing.detach() if coupled else (step_losses if routed else fm_sum * 0)
-    return dict(fm=fm_sum, routing=routing, counts=torch.stack(counts))
+    return dict(fm=fm_sum, aux=aux_sum, routing=routing, counts=torch.stack(counts))
 
 
 # ----------------------------------------------------------------------------------------------

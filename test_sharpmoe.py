@@ -203,7 +203,7 @@ def test_loss_falls_on_builtin_data():
 def train_args(out, *extra):
     return train.parse_args(["--preset", "tiny", "--steps", "4", "--global-batch-size", "8",
                              "--num-workers", "0", "--log-every", "2", "--ckpt-every", "2",
-                             "--builtin-size", "64", "--out", str(out), *extra])
+                             "--builtin-size", "64", "--probe-images", "16", "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("extra", [("--router", "diffmoe"), ("--init", "PRE", "--trajectory-steps", "3"),
@@ -260,7 +260,7 @@ def test_torchrun_two_processes_agree_with_each_other_and_with_one_process(tmp_p
     (whose batch pool is each rank's own batch, as in DiffMoE), with what one process computes
     at the same global batch: a run does not depend on the number of ranks."""
     args = ["--preset", "tiny", "--router", router, "--steps", "3", "--global-batch-size", "8", "--num-workers", "0",
-            "--log-every", "1", "--builtin-size", "64", "--lr", "1e-3"]
+            "--log-every", "1", "--builtin-size", "64", "--probe-images", "16", "--lr", "1e-3"]
     rank0, rank1 = torchrun_states(tmp_path, *args, "--out", str(tmp_path / "two"))
     assert_states_equal(rank0, rank1, rtol=0, atol=0)
     assert torch.load(tmp_path / "two" / "last.pt", weights_only=True)["step"] == 3
@@ -652,6 +652,7 @@ def test_stepwise_backward_gives_the_unrolled_gradient(router, mass, target, res
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(stats_stepwise["fm"], stats["fm"])
     torch.testing.assert_close(stats_stepwise["routing"], stats["routing"])
+    torch.testing.assert_close(stats_stepwise["aux"], torch.as_tensor(aux).detach())
     assert torch.equal(stats_stepwise["counts"], stats["counts"])
 
 
@@ -683,7 +684,8 @@ def test_stepwise_all_reduces_once_per_iteration(tmp_path):
 def test_post_training_under_torchrun_agrees_with_one_process(tmp_path):
     train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
     args = ["--init", str(tmp_path / "pre" / "last.pt"), "--trajectory-steps", "3", "--steps", "2", "--lr", "1e-3",
-            "--routing-weight", "1", "--global-batch-size", "8", "--num-workers", "0", "--builtin-size", "64"]
+            "--routing-weight", "1", "--global-batch-size", "8", "--num-workers", "0", "--builtin-size", "64",
+            "--probe-images", "16"]
     rank0, rank1 = torchrun_states(tmp_path, *args, "--out", str(tmp_path / "two"))
     assert_states_equal(rank0, rank1, rtol=0, atol=0)
     model, ema = train.main(train.parse_args(args + ["--out", str(tmp_path / "one")]))
@@ -1079,7 +1081,7 @@ def test_compare_runs_every_setting_for_every_seed_and_resumes(tmp_path, monkeyp
     train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
     argv = ["--init", str(tmp_path / "pre" / "last.pt"), "--out", str(tmp_path / "cmp"), "--steps", "1",
             "--trajectory-steps", "2", "--lambdas", "0.01", "--global-batch-size", "8", "--num-workers", "0",
-            "--eval-images", "8", "--builtin-size", "64"]
+            "--eval-images", "8", "--builtin-size", "64", "--probe-images", "8"]
     results = compare.main(compare.parse_args(argv))
     names = ["pretrained", "control-steps", "control-compute", "dual-only", "paper", "paper-lambda-0.1", "count-trajectory-0.01",
              "count-step-0.01", "count-step-residual-0.01"]

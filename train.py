@@ -329,8 +329,8 @@ class RoutingProbe:
     SharpMoE, controls) logs the same per-step measurements. Rank 0 only."""
     LOG_T = (0.999, 0.95, 0.8, 0.5, 0.2, 0.05)                 # the steps the log shows
 
-    def __init__(self, held_out, device):
-        images = [held_out[i] for i in range(min(PROBE_IMAGES, len(held_out)))]
+    def __init__(self, held_out, device, n=PROBE_IMAGES):
+        images = [held_out[i] for i in range(min(n, len(held_out)))]
         self.x0 = torch.stack([x for x, _ in images]).to(device)
         self.y = torch.tensor([y for _, y in images], device=device)
         self.eps = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -400,6 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="continue from this checkpoint (same command otherwise)")
     p.add_argument("--ckpt-every", type=int, default=5000, help="write OUT/last.pt every this many steps")
     p.add_argument("--log-every", type=int, default=100, help="log every this many steps")
+    p.add_argument("--probe-images", type=int, default=PROBE_IMAGES, help="held-out images of the logged routing probe (0: no probe)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data-loader workers per rank (default: the cores per rank less one, 1 to 4)")
     args = p.parse_args(argv)
@@ -412,7 +413,7 @@ def parse_args(argv=None):
 # Main
 
 # Flags a resumed run may change; every other flag must be the one the run started with.
-RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers", "out", "post_path")
+RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers", "out", "post_path", "probe_images")
 
 
 def check_args(args):
@@ -430,6 +431,7 @@ def check_args(args):
                     (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
                     (finite(args.routing_temp) and args.routing_temp > 0, f"--routing-temp {args.routing_temp:g} must be positive"),
                     (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be at least 1"),
+                    (args.probe_images >= 0, f"--probe-images {args.probe_images} must be 0 or more"),
                     (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")):
         if not ok:
             raise UserError(msg)
@@ -443,7 +445,8 @@ def check_resume(args, ckpt):
               if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
     if differ:
         raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; resume with the "
-                        "same flags (only --steps, --log-every, --ckpt-every, --num-workers, --post-path may change), or start a new --out")
+                        "same flags (only --steps, --log-every, --ckpt-every, --num-workers, --post-path, --probe-images may change), "
+                        "or start a new --out")
 
 
 def main(args):
@@ -524,7 +527,7 @@ def main(args):
         + (f"; RESUMED from {resume_path} (lines above for steps after {step} came from the killed run)" if resume_path else ""))
 
     # 4. training loop
-    probe = RoutingProbe(held_out, device) if n_moe and rank == 0 else None
+    probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and rank == 0 and args.probe_images else None
     if probe:
         log(f"step {step:7d}  {probe(raw)}  (before training)")
     sums, seen, t0 = {}, 0, time.time()                        # running sums of the logged statistics
@@ -547,7 +550,7 @@ def main(args):
             if post and args.post_path == "stepwise":              # backward inside, one step's graph at a time
                 stats = sm.trajectory_backward_stepwise(model, cfg, x0, y, noise, *routing_args, forward_context=autocast,
                                                         no_sync=getattr(model, "no_sync", nullcontext))
-                loss = aux = stats["fm"] + args.routing_weight * stats["routing"]   # (for the finite check)
+                loss, aux = stats["fm"] + args.routing_weight * stats["routing"], stats["aux"]   # (logged, checked)
             else:
                 with autocast():
                     if post:
