@@ -10,6 +10,7 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
    memory (bytes autograd holds for backward; on a GPU also the peak allocated memory).
 4. For the L preset on the paper's latent grid: activation bytes per image, measured, and the
    per-GPU batch that T = 10 leaves in 80 GB for each path (an estimate).
+5. On a CPU, a profile of one MoE layer (forward + backward) by part, against the dense MLP.
 """
 import argparse
 import time
@@ -136,6 +137,54 @@ def post_training_cost(device, batch, reps):
                 print(f"    {path}: GPU peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
 
 
+# Profiler op names -> the parts of a layer (fwd + bwd). aten::mm is the router when one of its
+# operands has num_experts columns or rows, else an expert / MLP matmul (tc's grouped_mm loops it).
+PARTS = {"router (linear, softmax)": ("router mm", "aten::_softmax", "aten::_softmax_backward_data"),
+         "capacity predictor (diffmoe)": ("aten::silu", "aten::silu_backward", "aten::sigmoid",
+                                          "aten::binary_cross_entropy_with_logits", "predictor addmm"),
+         "top-k / selection": ("aten::topk", "aten::scatter_", "aten::sort", "aten::nonzero", "aten::argsort"),
+         "gather": ("aten::index_select",),
+         "expert matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"),
+         "expert GELU": ("aten::gelu", "aten::gelu_backward"),
+         "gate multiply": ("aten::mul", "aten::gather"),
+         "scatter": ("aten::index_add_", "aten::scatter_add_")}
+
+
+def profile_layer(device, reps=10, width=512, B=16, N=256, E=8):
+    """Self CPU time of one layer's forward + backward, by part, in % of that layer's total. (Shares:
+    absolute times of separately profiled layers wander with the machine; part 1 gives the ratios.)"""
+    from torch.profiler import ProfilerActivity, profile
+    print(f"\n5. Profile, forward + backward at width {width}, {B * N} tokens, {E} experts: self CPU time by part, "
+          "% of each layer's total")
+    x = torch.randn(B, N, width, device=device, requires_grad=True)
+
+    def parts(fn):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(reps):
+                fn()
+        out = dict.fromkeys([*PARTS, "other (copies, fills, sums, grad accumulation)"], 0.0)
+        for e in prof.key_averages(group_by_input_shape=True):
+            shapes = [d for shape in e.input_shapes if isinstance(shape, list) for d in shape]
+            name = e.key
+            if name == "aten::mm" and E in shapes:
+                name = "router mm"
+            elif name == "aten::addmm" and width in shapes and 4 * width not in shapes:
+                name = "predictor addmm"                            # DiffMoE's Linear(D, D) and Linear(D, E)
+            part = next((p for p, names in PARTS.items() if name in names), "other (copies, fills, sums, grad accumulation)")
+            out[part] += e.self_cpu_time_total / reps / 1e3
+        return out
+    mlp = sm.MLP(width, 4 * width).to(device)
+    rows = {"dense": parts(lambda: mlp(x).sum().backward())}
+    for router in ("tc", "ec", "diffmoe"):
+        moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=E)).to(device).train()
+        rows[router] = parts(lambda: moe(x)[0].sum().backward())
+    print(f"{'part':>48} " + " ".join(f"{r:>8}" for r in rows))
+    for part in rows["ec"]:
+        print(f"{part:>48} " + " ".join(f"{100 * rows[r][part] / sum(rows[r].values()):>7.1f}%" for r in rows))
+    print(f"{'total ms':>48} " + " ".join(f"{sum(rows[r].values()):>8.0f}" for r in rows))
+
+
 def large_model_estimate(device, T=10, gpu_gb=80):
     """The L preset on the paper's 32x32x4 latent grid (256 tokens): bytes held for backward per
     image by one ordinary step, measured (fp32, batch 2); and the per-GPU batch that would leave
@@ -168,3 +217,5 @@ if __name__ == "__main__":
     throughput(device, args.batch, args.reps)
     post_training_cost(device, args.batch, args.reps)
     large_model_estimate(device)
+    if device.type == "cpu":
+        profile_layer(device)

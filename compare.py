@@ -118,10 +118,11 @@ def table(results):
     cols = [sm.PROBE_T.index(t) for t in SHOW_T]
     head = lambda first: [f"| {first} | " + " | ".join(f"t={t:g}" for t in SHOW_T) + " |",
                           "|---|" + "---|" * len(SHOW_T)]
-    cell = lambda m, s, f, n: format(m, f) + (f" ± {s / 2:.2f}" if n > 1 else "")
+    cell = lambda m, s, f, n: format(m, f) + (" ± " + format(s / 2, f.lstrip("+")) if n > 1 else "")
     lines = []
     for key, title, f in (("corr", "Rank correlation (expert count, saliency), raw", "+.2f"),
-                          ("corr_pos", "Rank correlation, position-controlled (saliency minus its mean at each token position)", "+.2f"),
+                          ("corr_pos", "Position-controlled correlation (count against each token's saliency rank minus "
+                                       "that rank's mean at its position)", "+.2f"),
                           ("loss", "Held-out flow-matching loss at the same t and noise", ".3f")):
         lines += ["", f"**{title}**", ""] + head("run")
         for name, r in results.items():

@@ -797,6 +797,9 @@ def test_position_control_gives_a_positional_router_no_credit():
     r = sm.routing_probe(PositionPrior(x0), x0, torch.zeros(256, dtype=torch.long), torch.randn_like(x0))
     assert (r["corr"] > 0.2).all()                              # raw: looks like routing by saliency
     assert (r["corr_pos"].abs() < 1e-6).all()                   # beyond position: nothing
+    M = sm.laplacian_saliency(x0, 4)                            # the literal alternative penalizes it:
+    literal = sm.rank_correlation(r["counts"][0], M - M.mean(0)).mean()   # per image, against M minus its mean
+    assert -0.16 < literal < -0.1                               # (README: about -0.13)
 
 
 def test_position_controlled_correlation_by_hand():

@@ -491,8 +491,6 @@ def main(args):
     cfg = model.cfg
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, saliency_mean = 0, None                              # saliency_mean: the residual target's (N,)
-    if post and args.saliency_target == "residual":
-        saliency_mean = position_saliency(data, cfg.patch_size).to(device)
     if resume_path:
         diff = sm.config_diff(checkpoint_config(ckpt, resume_path), cfg)
         if diff:
@@ -501,9 +499,10 @@ def main(args):
         load_weights(model, ckpt["model"], resume_path)
         load_weights(ema, ckpt["ema"], resume_path)
         opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        if saliency_mean is not None:                          # computed once, stored with the run
-            saliency_mean = ckpt["saliency_mean"].to(device)
+        step, saliency_mean = ckpt["step"], ckpt.get("saliency_mean")
+    if post and args.saliency_target == "residual" and saliency_mean is None:   # once, stored with the run
+        saliency_mean = position_saliency(data, cfg.patch_size)
+    saliency_mean = saliency_mean.to(device) if saliency_mean is not None else None
     raw = model                                                # unwrapped: state_dict, EMA, probe
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
