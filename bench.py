@@ -11,6 +11,8 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
 4. For the L preset on the paper's latent grid: activation bytes per image, measured, and the
    per-GPU batch that T = 10 leaves in 80 GB for each path (an estimate).
 5. On a CPU, a profile of one MoE layer (forward + backward) by part, against the dense MLP.
+6. An estimate of the latent ImageNet recipe's GPU-hours per stage, from counted FLOPs and an
+   assumed throughput (needs diffusers for the VAE's architecture; nothing is downloaded).
 """
 import argparse
 import time
@@ -204,6 +206,41 @@ def large_model_estimate(device, T=10, gpu_gb=80):
           f"unrolled {int(free // (per_image * T))}, stepwise {int(free // per_image)}")
 
 
+def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100_000, post=20_000, T=10, samples=50_000):
+    """GPU-hours of the latent ImageNet recipe (README), an ESTIMATE: FLOPs counted here on the
+    meta device for the real architectures (DiT-L EC on 32x32x4 latents; SD's VAE at 256 pixels,
+    random weights, nothing downloaded), divided by an assumed sustained throughput."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def gflops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+    with torch.device("meta"):
+        model = sm.DiT(sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000))
+        dit = gflops(lambda: model(torch.randn(1, 4, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)))
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            print("\n6. Latent recipe estimate: needs diffusers (pip install -r requirements-test.txt)")
+            return
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+        enc = gflops(lambda: vae.encode(torch.randn(1, 3, 256, 256)))
+        dec = gflops(lambda: vae.decode(torch.randn(1, 4, 32, 32)))
+    hours = lambda gf: gf * 1e9 / (tflops * 1e12) / 3600
+    stages = [("extract latents (image + mirror)", images * 2 * enc),
+              (f"pretrain, {pretrain:,} steps of {batch}", pretrain * batch * 3 * dit),
+              (f"SharpMoE, {post:,} steps, T = {T}, stepwise", post * batch * T * 4 * dit),
+              (f"control, {post:,} steps", post * batch * 3 * dit),
+              (f"control, {post * T:,} steps (same compute)", post * T * batch * 3 * dit),
+              (f"sample {samples:,} (250 Euler steps, cfg 1.5) + decode, per checkpoint", samples * (250 * 2 * dit + dec))]
+    print(f"\n6. ESTIMATE of the latent recipe in GPU-hours at an assumed {tflops:.0f} TFLOP/s sustained: counted "
+          f"GFLOPs per image: DiT-L forward {dit:.0f}, VAE encoder {enc:.0f}, decoder {dec:.0f}")
+    for name, gf in stages:
+        print(f"{name:>62}: {hours(gf):8.1f} GPU-hours")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (the median is reported)")
@@ -219,3 +256,4 @@ if __name__ == "__main__":
     large_model_estimate(device)
     if device.type == "cpu":
         profile_layer(device)
+    latent_recipe_estimate()

@@ -91,7 +91,7 @@ def rollout_counts(model, noise, y, steps, cfg_scale):
     for t, x, routes in sm.euler_steps(model, noise, y, steps, cfg_scale):
         counts.append(sm.expert_count(routes).cpu())
         ts.append(float(t[0]))
-    return x.clamp(-1, 1), torch.tensor(ts), torch.stack(counts)
+    return x, torch.tensor(ts), torch.stack(counts)
 
 
 @torch.no_grad()
@@ -126,12 +126,12 @@ def colormap(a):
     return ((1 - f) * anchors[i] + f * anchors[i + 1]).astype(np.uint8)
 
 
-def report_figure(images, saliency, counts, ts, path, max_count, first="sample", rows=4, scale=4):
+def report_figure(images, saliency, counts, ts, path, max_count, first="sample", rows=4):
     """Per image: the image, its saliency map, and expert-count maps at several t, on one fixed
     colour scale from 0 to max_count (the most experts a token can get), so that figures of
     different checkpoints compare; saliency is scaled per image."""
     B, N = saliency.shape
-    g, H = int(N ** 0.5), images.shape[1] * scale
+    g, H = int(N ** 0.5), max(128, images.shape[1])             # tiles of at least 128 pixels
     picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
     titles = [first, "saliency"] + [f"experts, t={float(ts[p]):.2f}" for p in picks]
     font = ImageFont.load_default(size=14)
@@ -155,13 +155,15 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     canvas.save(path)
 
 
-def routing_report(model, images, counts, ts, out, name):
-    """Print and save (JSON, PNG) the routing-versus-saliency report. images in [-1, 1]."""
+def routing_report(model, x, shown, counts, ts, out, name):
+    """Print and save (JSON, PNG) the routing-versus-saliency report. x: what the model denoises
+    (pixels in [-1, 1], or latents), whose saliency is measured; shown: (B, H, W, 3) uint8, the
+    images the figure shows (decoded, for latents)."""
     n_moe = len(model.moe_layers())
-    saliency = sm.laplacian_saliency(images.float().cpu(), model.cfg.patch_size)
+    saliency = sm.laplacian_saliency(x.float().cpu(), model.cfg.patch_size)
     corr = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts])
     report = dict(
-        what=name, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(images.shape[0]),
+        what=name, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(x.shape[0]),
         moe_layers=n_moe, t=[round(float(t), 4) for t in ts],
         rank_correlation=[round(float(c), 4) for c in corr],
         experts_per_token_per_layer=[round(float(c.float().mean()) / n_moe, 4) for c in counts],
@@ -175,7 +177,7 @@ def routing_report(model, images, counts, ts, out, name):
     print("rank correlation(count, saliency): " + "  ".join(f"t={float(ts[p]):.2f}:{float(corr[p]):+.3f}" for p in picks))
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
-    report_figure(to_uint8(images), saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
+    report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
                   max_count=n_moe * model.cfg.num_experts, first="image" if name == "real" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
     return report
@@ -197,8 +199,10 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="write the routing-versus-saliency report")
     p.add_argument("--report-images", type=int, default=32, help="images in the routing report")
     p.add_argument("--real", action="store_true", help="report on real images (--data, or held-out built-in images)")
-    p.add_argument("--data", default=None, help="image folder for --real (default: the held-out range of the "
-                   "checkpoint's built-in data)")
+    p.add_argument("--data", default=None, help="image or latent folder for --real (default: the held-out images "
+                   "of the checkpoint's data)")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one its "
+                   "latent folder was made with, a local folder or Hugging Face id)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
     for ok, msg in ((args.steps >= 1, f"--steps {args.steps} must be at least 1"),
@@ -214,11 +218,28 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()                                               # scoped: no global grad switch
+def report_images(args, train_args, n):
+    """The images of a --real report: --data, or the held-out images of the checkpoint's data."""
+    if args.data:
+        data = train.LatentFolder(args.data, pairs=False) if train.is_latent_folder(args.data) else \
+            train.ImageFolder(args.data, train_args["image_size"])
+    else:
+        defaults = vars(train.parse_args([]))                    # (for flags an older checkpoint lacks)
+        data = train.make_datasets(argparse.Namespace(**{**defaults, **train_args}))[1]
+    return [data[i] for i in range(min(n, len(data)))], len(data.classes)
+
+
 def main(args):
     rank, world, device = train.setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
     os.makedirs(args.out, exist_ok=True)
+    decode = lambda x: x                                        # pixel mode: the model's x is the image
+    if train_args.get("latent"):                                # latent mode: decode with the data's VAE
+        import latents                                          # (diffusers, imported only here)
+        vae = latents.load_vae(args.vae or train_args["latent"]["vae"], device)
+        decode = lambda x: latents.decode(vae, x)
+    pixels = lambda x: to_uint8(decode(x))                      # (B, C, h, w) -> (B, H, W, 3) uint8
 
     # 1. the grid
     if args.grid and rank == 0:
@@ -226,7 +247,7 @@ def main(args):
         y = torch.arange(args.grid) % cfg.num_classes                # one class per column
         x = sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
         nrow = min(cfg.num_classes, args.grid)
-        save_grid(to_uint8(x), os.path.join(args.out, "grid.png"), nrow, train_args.get("classes"))
+        save_grid(pixels(x), os.path.join(args.out, "grid.png"), nrow, train_args.get("classes"))
         print(f"wrote {args.out}/grid.png")
 
     # 2. samples.npz: sample i on rank i % world
@@ -235,14 +256,15 @@ def main(args):
         images, labels = [], []
         for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
             noise, y = noise_and_labels(mine[start:start + args.batch_size], cfg, args.seed)
-            images.append(to_uint8(sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)))
+            images.append(pixels(sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)))
             labels.append(y.numpy())
         part = os.path.join(args.out, f".part{rank}.npz")
         np.savez(part, images=np.concatenate(images), labels=np.concatenate(labels))
         if world > 1:
             dist.barrier()
         if rank == 0:
-            arr = np.zeros((args.num_samples, cfg.image_size, cfg.image_size, 3), np.uint8)
+            size = train_args["latent"]["image_size"] if train_args.get("latent") else cfg.image_size
+            arr = np.zeros((args.num_samples, size, size, 3), np.uint8)
             lab = np.zeros(args.num_samples, np.int64)
             for r in range(world):
                 with np.load(os.path.join(args.out, f".part{r}.npz")) as f:
@@ -257,19 +279,18 @@ def main(args):
             raise train.UserError("the routing report needs an MoE model; this checkpoint is dense")
         n = args.report_images
         if args.real:
-            # the built-in default: held-out images of the data the checkpoint was trained on
-            builtin = train.BUILTIN[train_args.get("builtin", "shapes")]
-            data = train.ImageFolder(args.data, cfg.image_size) if args.data else builtin(cfg.image_size, n, start=train.HELD_OUT)
-            if len(data.classes) != cfg.num_classes:
-                raise train.UserError(f"--data has {len(data.classes)} classes, the model {cfg.num_classes}")
-            x0 = torch.stack([data[i][0] for i in range(min(n, len(data)))]).to(device)
-            y = torch.tensor([data[i][1] for i in range(x0.shape[0])], device=device)
+            items, n_classes = report_images(args, train_args, n)
+            if n_classes != cfg.num_classes or items[0][0].shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
+                raise train.UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(items[0][0].shape)}; "
+                                      f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
+            x0 = torch.stack([x for x, _ in items]).to(device)
+            y = torch.tensor([label for _, label in items], device=device)
             ts, counts = real_counts(model, x0, y, args.steps, args.seed)
-            routing_report(model, x0, counts, ts, args.out, "real")
+            routing_report(model, x0, pixels(x0), counts, ts, args.out, "real")
         else:
             noise, y = noise_and_labels(range(n), cfg, args.seed)
             x, ts, counts = rollout_counts(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
-            routing_report(model, x, counts, ts, args.out, "generated")
+            routing_report(model, x, pixels(x), counts, ts, args.out, "generated")
     if world > 1:
         dist.destroy_process_group()
 

@@ -704,11 +704,12 @@ def euler_steps(model, noise, y, steps=250, cfg_scale=1.5):
 
 
 def sample(model, noise, y, steps=250, cfg_scale=1.5):
-    """Images (B, C, H, W), clamped to [-1, 1], from noise (B, C, H, W) and labels (B,)."""
+    """x at t = 0 (B, C, H, W) from noise (B, C, H, W) and labels (B,): images in about [-1, 1]
+    (not clamped: sample.py's to_uint8 clamps) or, for a latent model, VAE latents to decode."""
     x = noise
     for _, x, _ in euler_steps(model, noise, y, steps, cfg_scale):
         pass                                                    # keep the x of the last step
-    return x.clamp(-1, 1)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------

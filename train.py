@@ -13,6 +13,7 @@ continues with the same command plus --resume OUT/last.pt.
 """
 import argparse
 import itertools
+import json
 import math
 import os
 import re
@@ -181,15 +182,63 @@ class ImageFolder(Dataset):
         return held
 
 
+class LatentFolder(Dataset):
+    """A latent folder written by latents.py (latent mode). Items: (latents, label) with latents (2, C, s, s) float32,
+    the image's and its mirror's (pairs=True, for training), or the image's (C, s, s)."""
+
+    def __init__(self, root, pairs=True):
+        meta_path = os.path.join(root, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"latent folder {root} has no meta.json: its extraction did not finish; "
+                            f"rerun latents.py into it to complete it")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        try:
+            self.latents = np.load(os.path.join(root, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(root, "labels.npy"), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"latent folder {root}: cannot read latents.npy / labels.npy ({type(e).__name__}); "
+                            "rerun latents.py into a new folder")
+        m, shape = self.meta, (self.meta["count"], 2, self.meta["channels"], self.meta["latent_size"], self.meta["latent_size"])
+        if self.latents.shape != shape or self.labels.shape != (m["count"],) or \
+                (m["count"] and int(self.labels.max()) >= len(m["classes"])):
+            raise UserError(f"latent folder {root}: the arrays disagree with meta.json (latents {self.latents.shape}, "
+                            f"labels {self.labels.shape}, {len(m['classes'])} classes; meta says {shape}); "
+                            "rerun latents.py into a new folder")
+        self.classes, self.pairs = m["classes"], pairs
+        self.index = np.arange(m["count"])
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        x = torch.from_numpy(self.latents[j].astype(np.float32))   # (2, C, s, s)
+        return (x if self.pairs else x[0]), int(self.labels[j])
+
+    def split_off(self, n):
+        """Hold out n items (every k-th): removed from this set, returned as another (single latents)."""
+        held, k = LatentFolder.__new__(LatentFolder), max(len(self.index) // n, 2)
+        held.__dict__.update(self.__dict__, pairs=False, index=self.index[::k][:n])
+        self.index = np.array([j for i, j in enumerate(self.index) if i % k or i // k >= n], dtype=np.int64)
+        return held
+
+
+def is_latent_folder(path):
+    return path is not None and any(os.path.exists(os.path.join(path, f)) for f in ("meta.json", "latents.npy"))
+
+
 def make_datasets(args):
     """(training set, held-out set): --data and --val-data (or a tenth of --data, at most
-    PROBE_IMAGES images, split off), or the built-in data and 1024 of its held-out images."""
+    PROBE_IMAGES images, split off), or the built-in data and 1024 of its held-out images.
+    --data may be an image folder or a latent folder (latents.py)."""
     if not args.data:
         make = BUILTIN[args.builtin]
         return make(args.image_size, args.builtin_size), make(args.image_size, 1024, start=HELD_OUT)
-    data = ImageFolder(args.data, args.image_size)
+    latent = is_latent_folder(args.data)
+    data = LatentFolder(args.data) if latent else ImageFolder(args.data, args.image_size)
     if args.val_data:
-        held_out = ImageFolder(args.val_data, args.image_size)
+        held_out = LatentFolder(args.val_data, pairs=False) if latent else ImageFolder(args.val_data, args.image_size)
     else:                                                      # a tenth, at most PROBE_IMAGES
         held_out = data.split_off(max(1, min(PROBE_IMAGES, len(data) // 10)))
     if held_out.classes != data.classes:
@@ -282,13 +331,22 @@ def update_ema(ema, model, decay):
         e.copy_(b)
 
 
-def build_models(args, num_classes, device):
+def data_shape(data, args):
+    """(channels, size) of what the model denoises: RGB pixels at --image-size, or a latent
+    folder's latents (its meta.json decides; --image-size is not used)."""
+    if isinstance(data, LatentFolder):
+        return data.meta["channels"], data.meta["latent_size"]
+    return 3, args.image_size
+
+
+def build_models(args, data, device):
     """(model, ema). Pretraining: a fresh model from --preset. Post-training: weights and EMA
     from --init, plus zero-initialized R_sal when --sharpmoe on."""
+    (channels, size), num_classes = data_shape(data, args), len(data.classes)
     if args.init is None:
         cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts, top_k=args.top_k,
                              moe_every=args.moe_every, class_dropout=args.class_dropout,
-                             threshold_decay=args.threshold_decay, image_size=args.image_size,
+                             threshold_decay=args.threshold_decay, image_size=size, in_channels=channels,
                              num_classes=num_classes)
         model = sm.DiT(cfg)
         return model.to(device), deepcopy(model).to(device)
@@ -297,9 +355,9 @@ def build_models(args, num_classes, device):
     if cfg.sharpmoe and args.sharpmoe == "off":
         raise UserError(f"--init {args.init} is already a SharpMoE model; the control (--sharpmoe off) "
                         "starts from the pretrained base checkpoint")
-    if (cfg.image_size, cfg.num_classes) != (args.image_size, num_classes):
-        raise UserError(f"--init {args.init} is for {cfg.image_size}px images and "
-                        f"{cfg.num_classes} classes, the data has {args.image_size}px and "
+    if (cfg.in_channels, cfg.image_size, cfg.num_classes) != (channels, size, num_classes):
+        raise UserError(f"--init {args.init} is for {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} inputs and "
+                        f"{cfg.num_classes} classes, the data has {channels}x{size}x{size} and "
                         f"{num_classes}; pass the matching --image-size and --data")
     cfg.sal_hidden = args.sal_hidden
     model = sm.DiT(cfg)
@@ -310,6 +368,14 @@ def build_models(args, num_classes, device):
     incompatible = ema.load_state_dict(ckpt["ema"], strict=False)
     assert not incompatible.unexpected_keys and all("sal_router" in k for k in incompatible.missing_keys)
     return model.to(device), ema.to(device)
+
+
+def apply_flip(x0, flip):
+    """Random horizontal flips: pixels (B, C, H, W) are mirrored; latent pairs (B, 2, C, s, s)
+    give their mirror image's latents (a flipped latent is not the latent of the flipped image)."""
+    if x0.dim() == 5:
+        return torch.where(flip.view(-1, 1, 1, 1), x0[:, 1], x0[:, 0])
+    return torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
 
 
 def step_noise(args, cfg, T, step, rank, world, device):
@@ -345,16 +411,15 @@ class RoutingProbe:
 
 def position_saliency(data, patch_size, n=2048, batch=256):
     """The training data's mean Laplacian saliency at each token position, (N,), over n images
-    spread over the set, averaged with its mirror image (training flips): the residual routing
-    target's baseline."""
+    spread over the set, each as training sees it both ways (pixels and their flip, or a latent
+    pair: the image's and its mirror's): the residual routing target's baseline."""
     idx = np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int)
-    total = 0.0
+    total, views = 0.0, 0
     for start in range(0, len(idx), batch):
         x0 = torch.stack([data[int(i)][0] for i in idx[start:start + batch]])
-        total = total + sm.laplacian_saliency(x0, patch_size).sum(0)
-    g = int(total.numel() ** 0.5)
-    grid = total.view(g, g) / len(idx)
-    return ((grid + grid.flip(-1)) / 2).flatten()
+        x0 = x0.flatten(0, 1) if x0.dim() == 5 else torch.cat([x0, x0.flip(-1)])   # (2B, C, H, W)
+        total, views = total + sm.laplacian_saliency(x0, patch_size).sum(0), views + len(x0)
+    return total / views
 
 
 def parse_args(argv=None):
@@ -484,7 +549,7 @@ def main(args):
     # 3. model, EMA, optimizer
     torch.manual_seed(args.seed)                               # the same init on every rank
     try:
-        model, ema = build_models(args, num_classes, device)
+        model, ema = build_models(args, data, device)
     except ValueError as e:                                    # a bad preset / router / size
         raise UserError(str(e))
     ema.requires_grad_(False).eval()
@@ -542,7 +607,7 @@ def main(args):
                 raise
             flip, noise = step_noise(args, cfg, T, step, rank, world, device)
             x0, y = x0.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)           # random h-flip
+            x0 = apply_flip(x0, flip)
             opt.zero_grad(set_to_none=True)
             routing_args = (args.routing_weight, args.routing_temp, args.routing_mass, args.routing_target,
                             saliency_mean, args.oracle)
@@ -603,7 +668,8 @@ def main(args):
             if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
                 save_checkpoint(os.path.join(args.out, "last.pt"),
                                 dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                     step=step, config=asdict(cfg), args=dict(vars(args), classes=list(data.classes)),
+                                     step=step, config=asdict(cfg),
+                                     args=dict(vars(args), classes=list(data.classes), latent=getattr(data, "meta", None)),
                                      saliency_mean=saliency_mean))
     log(f"done: {args.out}/last.pt at step {step}")
     if world > 1:

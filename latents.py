@@ -1,0 +1,136 @@
+"""
+Latent mode, the paper's own setting: an ImageNet-style folder -> SD-VAE latents of each image
+and of its mirror image, which train.py trains on and sample.py decodes.
+
+    python latents.py /imagenet/train data/imagenet256-latents                 # sd-vae-ft-ema, 256px
+    python latents.py /imagenet/train data/in256-mse --vae stabilityai/sd-vae-ft-mse
+    torchrun --nproc_per_node=8 latents.py /imagenet/train data/imagenet256-latents
+    python train.py --data data/imagenet256-latents --preset L --router ec --out runs/ec-L
+
+Each image is center-cropped to --image-size as ADM / DiT do, scaled to [-1, 1], and encoded
+with the VAE's posterior mean times its scaling factor (0.18215 for SD's VAEs); the mirror
+image likewise, so that training flips by picking one. The output folder holds
+latents.npy (N, 2, 4, size / 8, size / 8) float16, memory-mapped; labels.npy (N,) int64; and
+meta.json (VAE, scale, sizes, class names), written last: a folder without it is incomplete.
+A killed extraction resumes where it stopped (done.npy marks finished images) and gives the
+same bytes; under torchrun rank r encodes images r, r + world, ...
+
+The VAE comes from diffusers (AutoencoderKL), imported only here: `pip install diffusers`.
+Weights: a local folder (--vae PATH), or a Hugging Face id found in the local cache or
+downloaded when the machine is online.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import train
+from fid import HelpFormatter, UserError
+
+VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def load_vae(name, device="cpu"):
+    """diffusers' AutoencoderKL from a local folder or a Hugging Face id (cache first)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError("latent mode needs diffusers: pip install diffusers (or pip install -r requirements-test.txt)")
+    name = VAES.get(name, name)
+    try:
+        if os.path.isdir(name):
+            vae = AutoencoderKL.from_pretrained(name)
+        else:
+            try:
+                vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
+            except Exception:                                   # not cached: try the network
+                vae = AutoencoderKL.from_pretrained(name)
+    except Exception as e:
+        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}): it is not a local folder, not in the "
+                        f"Hugging Face cache, and could not be downloaded; download it where there is a network "
+                        f"(huggingface-cli download {name}) and pass --vae /path/to/it")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H / f, W / f): the posterior mean times the VAE's
+    scaling factor (deterministic, as DiT's feature extraction)."""
+    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1] (not clamped)."""
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("data", help="ImageNet-style folder DIR/CLASS/IMAGE")
+    p.add_argument("out", help="output latent folder (latents.npy, labels.npy, meta.json)")
+    p.add_argument("--vae", default="ema", help="ema (stabilityai/sd-vae-ft-ema), mse, another Hugging Face id, or a local folder")
+    p.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels (the paper: 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward (each also encoded mirrored)")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers per rank")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.image_size < 8:
+        raise UserError("--batch-size must be at least 1 and --image-size at least 8")
+    return args
+
+
+def main(args):
+    if os.path.isfile(os.path.join(args.out, "meta.json")):
+        print(f"{args.out} is complete (meta.json exists); nothing to do")
+        return
+    rank, world, device = train.setup_distributed()
+    data = train.ImageFolder(args.data, args.image_size)
+    vae = load_vae(args.vae, device)
+    with torch.no_grad():                                       # the latent grid, from one dummy image
+        C, s = encode(vae, torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1:3]
+    N, paths = len(data), {f: os.path.join(args.out, f) for f in ("latents.npy", "labels.npy", "done.npy")}
+    if rank == 0:                                               # preallocate (or reopen) the memory-mapped arrays
+        os.makedirs(args.out, exist_ok=True)
+        for name, dtype, shape in (("latents.npy", np.float16, (N, 2, C, s, s)), ("labels.npy", np.int64, (N,)),
+                                   ("done.npy", np.bool_, (N,))):
+            if not os.path.exists(paths[name]):
+                np.lib.format.open_memmap(paths[name], mode="w+", dtype=dtype, shape=shape).flush()
+    if world > 1:
+        dist.barrier()
+    latents, labels, done = (np.load(paths[f], mmap_mode="r+") for f in ("latents.npy", "labels.npy", "done.npy"))
+    if latents.shape != (N, 2, C, s, s):
+        raise UserError(f"{args.out} holds an extraction of another data folder, size or VAE "
+                        f"({latents.shape}, now {(N, 2, C, s, s)}); pick another output folder")
+    todo = [i for i in range(rank, N, world) if not done[i]]
+    loader = DataLoader(Subset(data, todo), batch_size=args.batch_size, num_workers=args.num_workers)
+    for start, (x, y) in zip(range(0, len(todo), args.batch_size),
+                             tqdm(loader, disable=rank != 0, desc=f"encoding {len(todo)} images")):
+        idx = todo[start:start + args.batch_size]
+        z = encode(vae, torch.cat([x, x.flip(-1)]).to(device)).float().cpu().numpy()   # images, then mirrors
+        latents[idx] = np.stack([z[:len(idx)], z[len(idx):]], 1).astype(np.float16)   # (B, 2, C, s, s)
+        labels[idx] = y.numpy()
+        latents.flush(), labels.flush()
+        done[idx] = True                                        # only after the latents are on disk
+        done.flush()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        meta = dict(vae=args.vae if os.path.isdir(args.vae) else VAES.get(args.vae, args.vae),
+                    scale=float(vae.config.scaling_factor), image_size=args.image_size, latent_size=int(s),
+                    channels=int(C), count=N, classes=list(data.classes))
+        tmp = os.path.join(args.out, "meta.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(args.out, "meta.json"))
+        print(f"wrote {args.out}: latents {latents.shape} float16, {len(data.classes)} classes")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train.run_cli(main, parse_args)
