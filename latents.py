@@ -5,6 +5,7 @@ and of its mirror image, which train.py trains on and sample.py decodes.
     python latents.py /imagenet/train data/imagenet256-latents                 # sd-vae-ft-ema, 256px
     python latents.py /imagenet/train data/in256-mse --vae stabilityai/sd-vae-ft-mse
     torchrun --nproc_per_node=8 latents.py /imagenet/train data/imagenet256-latents
+    python latents.py /imagenet/val runs/imagenet256-val.npz --reference   # crops for fid.py, no VAE
     python train.py --data data/imagenet256-latents --preset L --router ec --out runs/ec-L
 
 Each image is center-cropped to --image-size as ADM / DiT do, scaled to [-1, 1], and encoded
@@ -14,6 +15,9 @@ latents.npy (N, 2, 4, size / 8, size / 8) float16, memory-mapped; labels.npy (N,
 meta.json (VAE, scale, sizes, class names), written last: a folder without it is incomplete.
 A killed extraction resumes where it stopped (done.npy marks finished images) and gives the
 same bytes; under torchrun rank r encodes images r, r + world, ...
+
+--reference writes the center crops themselves, uint8, as an .npz reference batch for fid.py
+(arr_0 (N, size, size, 3), and labels): real images cropped exactly as the model's data were.
 
 The VAE comes from diffusers (AutoencoderKL), imported only here: `pip install diffusers`.
 Weights: a local folder (--vae PATH), or a Hugging Face id found in the local cache or
@@ -73,18 +77,36 @@ def decode(vae, latents):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("data", help="ImageNet-style folder DIR/CLASS/IMAGE")
-    p.add_argument("out", help="output latent folder (latents.npy, labels.npy, meta.json)")
+    p.add_argument("out", help="output latent folder (latents.npy, labels.npy, meta.json), or with --reference an .npz")
     p.add_argument("--vae", default="ema", help="ema (stabilityai/sd-vae-ft-ema), mse, another Hugging Face id, or a local folder")
     p.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels (the paper: 256)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward (each also encoded mirrored)")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers per rank")
+    p.add_argument("--reference", action="store_true", help="write OUT.npz: the uint8 center crops (a reference "
+                   "batch for fid.py); no VAE")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.image_size < 8:
         raise UserError("--batch-size must be at least 1 and --image-size at least 8")
+    if args.reference and not args.out.endswith(".npz"):
+        raise UserError(f"--reference writes an .npz file; name OUT like {args.out}.npz")
     return args
 
 
+def reference_batch(args):
+    """The center crops of args.data as uint8 (N, size, size, 3) in args.out (.npz, arr_0 and labels)."""
+    import sample
+    data = train.ImageFolder(args.data, args.image_size)
+    images, labels = [], []
+    for x, y in tqdm(DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers),
+                     desc=f"cropping {len(data)} images"):
+        images.append(sample.to_uint8(x)), labels.append(y.numpy())
+    sample.save_npz(args.out, arr_0=np.concatenate(images), labels=np.concatenate(labels))
+    print(f"wrote {args.out}: {len(data)} images {args.image_size}x{args.image_size}, a reference batch for fid.py")
+
+
 def main(args):
+    if args.reference:
+        return reference_batch(args)
     if os.path.isfile(os.path.join(args.out, "meta.json")):
         print(f"{args.out} is complete (meta.json exists); nothing to do")
         return

@@ -1172,6 +1172,21 @@ def test_a_killed_extraction_resumes_to_the_same_bytes(tmp_path, latent_dir, tin
         assert (tmp_path / "b" / f).read_bytes() == (latent_dir / f).read_bytes(), f
 
 
+def test_reference_batch_holds_the_training_crops_for_fid(tmp_path, image_folder):
+    import fid
+    import latents
+    out = str(tmp_path / "ref.npz")
+    latents.main(latents.parse_args([image_folder, out, "--reference", "--image-size", "24", "--batch-size", "3",
+                                     "--num-workers", "0"]))
+    assert fid.check_input(out, "reference") == 20               # what fid.py takes, no VAE involved
+    with np.load(out) as f:
+        crop = np.asarray(train.center_crop(Image.open(f"{image_folder}/dog/3.png").convert("RGB"), 24))
+        assert f["arr_0"].shape == (20, 24, 24, 3) and np.array_equal(f["arr_0"][13], crop)
+        assert f["labels"].tolist() == [0] * 10 + [1] * 10
+    with pytest.raises(train.UserError, match="--reference writes an .npz file"):
+        latents.parse_args([image_folder, str(tmp_path / "ref"), "--reference"])
+
+
 def test_flips_mirror_pixels_and_pick_the_mirror_latents():
     x, flip = torch.randn(3, 3, 4, 4), torch.tensor([True, False, True])
     assert torch.equal(train.apply_flip(x, flip), torch.stack([x[0].flip(-1), x[1], x[2].flip(-1)]))
