@@ -47,13 +47,14 @@ def load_vae(name, device="cpu"):
         raise UserError("latent mode needs diffusers: pip install diffusers (or pip install -r requirements-test.txt)")
     name = VAES.get(name, name)
     try:
+        load = lambda **kw: AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False, **kw)   # (no accelerate)
         if os.path.isdir(name):
-            vae = AutoencoderKL.from_pretrained(name)
+            vae = load()
         else:
             try:
-                vae = AutoencoderKL.from_pretrained(name, local_files_only=True)
+                vae = load(local_files_only=True)
             except Exception:                                   # not cached: try the network
-                vae = AutoencoderKL.from_pretrained(name)
+                vae = load()
     except Exception as e:
         raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}): it is not a local folder, not in the "
                         f"Hugging Face cache, and could not be downloaded; download it where there is a network "
@@ -85,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="store_true", help="write OUT.npz: the uint8 center crops (a reference "
                    "batch for fid.py); no VAE")
     args = p.parse_args(argv)
+    if not os.path.isdir(args.data):
+        raise UserError(f"image folder {args.data} does not exist; pass an ImageNet-style folder DIR/CLASS/IMAGE")
     if args.batch_size < 1 or args.image_size < 8:
         raise UserError("--batch-size must be at least 1 and --image-size at least 8")
     if args.reference and not args.out.endswith(".npz"):
@@ -130,9 +133,8 @@ def main(args):
                         f"({latents.shape}, now {(N, 2, C, s, s)}); pick another output folder")
     todo = [i for i in range(rank, N, world) if not done[i]]
     loader = DataLoader(Subset(data, todo), batch_size=args.batch_size, num_workers=args.num_workers)
-    for start, (x, y) in zip(range(0, len(todo), args.batch_size),
-                             tqdm(loader, disable=rank != 0, desc=f"encoding {len(todo)} images")):
-        idx = todo[start:start + args.batch_size]
+    for b, (x, y) in enumerate(tqdm(loader, disable=rank != 0, desc=f"encoding {len(todo)} images")):
+        idx = todo[b * args.batch_size:(b + 1) * args.batch_size]
         z = encode(vae, torch.cat([x, x.flip(-1)]).to(device)).float().cpu().numpy()   # images, then mirrors
         latents[idx] = np.stack([z[:len(idx)], z[len(idx):]], 1).astype(np.float16)   # (B, 2, C, s, s)
         labels[idx] = y.numpy()

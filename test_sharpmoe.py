@@ -1172,6 +1172,20 @@ def test_a_killed_extraction_resumes_to_the_same_bytes(tmp_path, latent_dir, tin
         assert (tmp_path / "b" / f).read_bytes() == (latent_dir / f).read_bytes(), f
 
 
+def test_extraction_under_torchrun_gives_the_one_process_bytes(tmp_path, latent_dir, tiny_vae, image_folder):
+    out = tmp_path / "two"                                      # rank r encodes images r, r + 2, ...
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "latents.py", image_folder,
+                        str(out), "--vae", tiny_vae, "--image-size", "32", "--batch-size", "3", "--num-workers", "0"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("labels.npy", "meta.json"):
+        assert (out / f).read_bytes() == (latent_dir / f).read_bytes(), f
+    two, one = np.load(out / "latents.npy").astype(np.float32), np.load(latent_dir / "latents.npy").astype(np.float32)
+    np.testing.assert_allclose(two, one, rtol=2e-3, atol=2e-3)   # other batches: float rounding only
+    assert np.load(out / "done.npy").all()
+
+
 def test_reference_batch_holds_the_training_crops_for_fid(tmp_path, image_folder):
     import fid
     import latents
