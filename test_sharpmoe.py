@@ -1148,9 +1148,17 @@ def test_extraction_encodes_each_image_and_its_mirror(latent_dir, tiny_vae, imag
     assert meta == dict(vae=tiny_vae, scale=0.18215, image_size=32, latent_size=16, channels=4, count=20,
                         classes=["cat", "dog"])
     vae, x = latents.load_vae(tiny_vae), train.ImageFolder(image_folder, 32)[13][0][None]   # center-cropped
-    z = latents.encode(vae, torch.cat([x, x.flip(-1)]))         # the image, then its mirror
-    np.testing.assert_allclose(lat[13].astype(np.float32), z.numpy(), rtol=2e-3, atol=2e-3)
-    assert not np.allclose(lat[13, 0], lat[13, 1], atol=1e-2)   # the mirror is not the image
+    with torch.no_grad():                                       # posterior mean x 0.18215, image then mirror
+        z = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist.mean * 0.18215
+        np.testing.assert_allclose(lat[13].astype(np.float32), z.numpy(), rtol=2e-3, atol=2e-3)
+        assert not np.allclose(lat[13, 0], lat[13, 1], atol=1e-2)   # the mirror is not the image
+        torch.testing.assert_close(latents.decode(vae, latents.encode(vae, x)),   # decode undoes the scaling
+                                   vae.decode(vae.encode(x).latent_dist.mean).sample)
+    pairs, single = train.LatentFolder(str(latent_dir)), train.LatentFolder(str(latent_dir), pairs=False)
+    assert torch.equal(pairs[13][0], torch.from_numpy(lat[13].astype(np.float32))) and pairs[13][1] == 1
+    assert torch.equal(single[13][0], torch.from_numpy(lat[13, 0].astype(np.float32)))
+    views = torch.from_numpy(lat.astype(np.float32)).flatten(0, 1)   # training sees both: the residual baseline
+    torch.testing.assert_close(train.position_saliency(pairs, 2, batch=8), sm.laplacian_saliency(views, 2).mean(0))
 
 
 def test_a_killed_extraction_resumes_to_the_same_bytes(tmp_path, latent_dir, tiny_vae, image_folder, monkeypatch):
@@ -1172,7 +1180,7 @@ def test_a_killed_extraction_resumes_to_the_same_bytes(tmp_path, latent_dir, tin
         assert (tmp_path / "b" / f).read_bytes() == (latent_dir / f).read_bytes(), f
 
 
-def test_extraction_under_torchrun_gives_the_one_process_bytes(tmp_path, latent_dir, tiny_vae, image_folder):
+def test_extraction_under_torchrun_gives_the_one_process_latents(tmp_path, latent_dir, tiny_vae, image_folder):
     out = tmp_path / "two"                                      # rank r encodes images r, r + 2, ...
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "latents.py", image_folder,
                         str(out), "--vae", tiny_vae, "--image-size", "32", "--batch-size", "3", "--num-workers", "0"],
@@ -1224,6 +1232,11 @@ def test_latent_model_trains_post_trains_and_samples_decoded_images(tmp_path, la
         assert f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].dtype == np.uint8   # decoded to pixels
     report = json.load(open(out / "report_real.json"))
     assert report["images"] == 2 and Image.open(out / "report_real.png").size[1] > 2 * 128
+    import latents                                              # its first tile: the held-out image, decoded
+    first = np.asarray(Image.open(out / "report_real.png").convert("RGB"))[24:24 + 128:4, 4:4 + 128:4]
+    held_out = train.make_datasets(train.parse_args(["--data", str(latent_dir)]))[1]
+    decoded = sample.to_uint8(latents.decode(latents.load_vae(tiny_vae), held_out[0][0][None]))[0]
+    assert np.abs(first.astype(int) - decoded).max() <= 1
 
 
 def test_broken_latent_folders_and_missing_diffusers_get_one_line(tmp_path, latent_dir, monkeypatch):
@@ -1235,9 +1248,10 @@ def test_broken_latent_folders_and_missing_diffusers_get_one_line(tmp_path, late
     with pytest.raises(train.UserError, match="has no meta.json: its extraction did not finish"):
         train.main(train_args(tmp_path / "run", "--data", str(broken)))
     shutil.copy(latent_dir / "meta.json", broken / "meta.json")
-    np.save(broken / "labels.npy", np.zeros(7, np.int64))      # 7 labels for 20 latents
-    with pytest.raises(train.UserError, match="the arrays disagree with meta.json"):
-        train.main(train_args(tmp_path / "run", "--data", str(broken)))
+    for labels in (np.zeros(7, np.int64), np.full(20, 5)):     # 7 labels for 20 latents; class 5 of 2
+        np.save(broken / "labels.npy", labels)
+        with pytest.raises(train.UserError, match="the arrays disagree with meta.json"):
+            train.main(train_args(tmp_path / "run", "--data", str(broken)))
     monkeypatch.setitem(sys.modules, "diffusers", None)          # as if not installed
     with pytest.raises(train.UserError, match="latent mode needs diffusers: pip install diffusers"):
         latents.load_vae("ema")
