@@ -217,7 +217,6 @@ def parse_args(argv=None):
     return args
 
 
-@torch.no_grad()                                               # scoped: no global grad switch
 def report_images(args, train_args, n):
     """The images of a --real report: --data, or the held-out images of the checkpoint's data."""
     if args.data:
@@ -229,6 +228,7 @@ def report_images(args, train_args, n):
     return [data[i] for i in range(min(n, len(data)))], len(data.classes)
 
 
+@torch.no_grad()                                               # scoped: no global grad switch
 def main(args):
     rank, world, device = train.setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
@@ -263,8 +263,7 @@ def main(args):
         if world > 1:
             dist.barrier()
         if rank == 0:
-            size = train_args["latent"]["image_size"] if train_args.get("latent") else cfg.image_size
-            arr = np.zeros((args.num_samples, size, size, 3), np.uint8)
+            arr = np.zeros((args.num_samples, *images[0].shape[1:]), np.uint8)   # (decoded, in latent mode)
             lab = np.zeros(args.num_samples, np.int64)
             for r in range(world):
                 with np.load(os.path.join(args.out, f".part{r}.npz")) as f:

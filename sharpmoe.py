@@ -541,6 +541,13 @@ def laplacian_saliency(x0, patch_size):
     return F.avg_pool2d(lap, patch_size).flatten(1)             # (B, N)
 
 
+def saliency_target(x0, patch_size, saliency_mean=None):
+    """M of the routing loss; given saliency_mean (N,), the training data's mean saliency per token
+    position, the residual M - saliency_mean (ours: no reward for routing by position alone)."""
+    M = laplacian_saliency(x0, patch_size)
+    return M if saliency_mean is None else M - saliency_mean
+
+
 def standardize(a):
     return (a - a.mean(-1, keepdim=True)) / (a.std(-1, keepdim=True) + 1e-6)
 
@@ -603,10 +610,9 @@ def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", 
     of one trajectory, + lam * L_routing. noise: training_noise(cfg, B, T). L_routing compares
     the routed mass A (routed_mass: `mass` "gate" is the paper's, "count" ours) with the saliency
     M: target "trajectory" (the paper) takes one KL on A summed over the steps, "step" (ours) the
-    mean of one KL per step, so that late steps cannot pay for early ones. With saliency_mean
-    (N,), the training data's mean saliency per token position, M is the residual M - mean
-    (ours: no reward for routing by position alone). tc is trained with L_fm only (its counts are
-    all equal). Returns (loss, aux, stats)."""
+    mean of one KL per step, so that late steps cannot pay for early ones; saliency_mean: see
+    saliency_target. tc is trained with L_fm only (its counts are all equal). Returns (loss, aux,
+    stats)."""
     ts, eps, drop = noise
     T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
     routed = cfg.router != "tc"                                  # tc: every token gets k experts
@@ -615,9 +621,7 @@ def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", 
         fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
         As += [routed_mass(routes, cfg.router, mass).float()] if routed else []   # (B, N) per step
         counts.append(expert_count(routes).detach())
-    M = laplacian_saliency(x0, cfg.patch_size)
-    if saliency_mean is not None:
-        M = M - saliency_mean
+    M = saliency_target(x0, cfg.patch_size, saliency_mean)
     if not routed:
         L_routing = fm * 0
     elif target == "trajectory":
@@ -641,9 +645,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, 
     ts, eps, drop = noise
     T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
     routed = cfg.router != "tc"
-    M = laplacian_saliency(x0, cfg.patch_size)
-    if saliency_mean is not None:
-        M = M - saliency_mean
+    M = saliency_target(x0, cfg.patch_size, saliency_mean)
     coupled = routed and target == "trajectory"
     if coupled:                                                 # (1)
         with torch.no_grad(), forward_context():

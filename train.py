@@ -151,7 +151,7 @@ class ImageFolder(Dataset):
     def __init__(self, root, size):
         if not os.path.isdir(root):
             raise UserError(f"data folder {root} does not exist; pass --data DIR with one "
-                            "subfolder per class, or leave --data out for the built-in shapes")
+                            "subfolder per class, or leave --data out for the built-in data")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
                       for f in sorted(os.listdir(os.path.join(root, c)))
@@ -218,8 +218,8 @@ class LatentFolder(Dataset):
 
     def split_off(self, n):
         """Hold out n items (every k-th): removed from this set, returned as another (single latents)."""
-        held, k = LatentFolder.__new__(LatentFolder), max(len(self.index) // n, 2)
-        held.__dict__.update(self.__dict__, pairs=False, index=self.index[::k][:n])
+        held, k = copy(self), max(len(self.index) // n, 2)
+        held.pairs, held.index = False, self.index[::k][:n]
         self.index = np.array([j for i, j in enumerate(self.index) if i % k or i // k >= n], dtype=np.int64)
         return held
 
@@ -424,8 +424,9 @@ def position_saliency(data, patch_size, n=2048, batch=256):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE (default: the built-in shapes)")
-    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels")
+    p.add_argument("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE, or a latent folder made by "
+                   "latents.py (default: the built-in data, --builtin)")
+    p.add_argument("--image-size", type=int, default=32, help="training resolution in pixels (a latent folder sets its own)")
     p.add_argument("--builtin", choices=tuple(BUILTIN), default="strokes", help="built-in data when --data is not given")
     p.add_argument("--builtin-size", type=int, default=10_000, help="number of built-in training images")
     p.add_argument("--val-data", default=None, help="held-out folder for the routing probe (default: "
@@ -483,7 +484,7 @@ RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers"
 
 def check_args(args):
     """Refuse nonsense before anything is built, in one line."""
-    finite = lambda v: math.isfinite(v)
+    finite = math.isfinite
     for ok, msg in ((args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
                     (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
                     (args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
@@ -633,13 +634,13 @@ def main(args):
             update_ema(ema, raw, args.ema)
             step += 1
             seen += x0.shape[0]
-            stats = dict(loss_fm=fm.float(), aux=torch.as_tensor(aux, device=device).float().detach(),
-                         loss_routing=routing.float(), n=torch.ones((), device=device))
+            logged = dict(loss_fm=fm.float(), aux=torch.as_tensor(aux, device=device).float().detach(),
+                          loss_routing=routing.float(), n=torch.ones((), device=device))
             if counts is not None:
                 saliency = sm.laplacian_saliency(x0.float(), cfg.patch_size)
-                stats["experts/token"] = counts.float().mean() / n_moe
-                stats["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
-            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
+                logged["experts/token"] = counts.float().mean() / n_moe
+                logged["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts]).mean()
+            sums = {k: sums.get(k, 0) + v for k, v in logged.items()}
             pbar.update(1)
             if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
                 if world > 1:                                  # checked before anything is logged or saved
