@@ -21,7 +21,7 @@ from copy import deepcopy
 import torch
 
 import sharpmoe as sm
-import train
+from common import HelpFormatter
 
 
 def timeit(fn, reps, warmup=2):
@@ -60,22 +60,18 @@ def layer_ratios(device, reps):
         print(f"{width:>6} {B * N:>7} {timeit(dense, reps) * 1e3:>9.2f} " + " ".join(f"{r:>8.2f}" for r in ratios))
 
 
-def loss_of(model, cfg, x, y, T=1):
-    """One ordinary (T = 1) or unrolled post-training (T > 1) loss with fresh noise: (loss, aux)."""
-    noise = sm.training_noise(cfg, x.shape[0], T, device=x.device)
-    if T == 1:
-        return sm.flow_loss(model, cfg, x, y, noise)[:2]
-    return sm.trajectory_loss(model, cfg, x, y, noise)[:2]
-
-
-def train_step(model, cfg, x, y, opt, T=1, path="unrolled"):
+def train_step(model, cfg, x, y, opt, T=1, stepwise=False):
+    """One training iteration with fresh draws: ordinary (T = 1) or SharpMoE with the paper's loss."""
     opt.zero_grad(set_to_none=True)
-    if path == "stepwise":
-        sm.trajectory_backward_stepwise(model, cfg, x, y, sm.training_noise(cfg, x.shape[0], T, device=x.device))
-    else:
-        loss, aux = loss_of(model, cfg, x, y, T)
-        (loss + aux).backward()
+    opts = sm.SharpMoELoss() if T > 1 else None
+    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, stepwise)
     opt.step()
+
+
+def forward_backward(model, cfg, x, y, T=1, stepwise=False):
+    """The same without the optimizer step (for the memory count)."""
+    opts = sm.SharpMoELoss() if T > 1 else None
+    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, stepwise)
 
 
 def throughput(device, batch, reps):
@@ -124,19 +120,20 @@ def post_training_cost(device, batch, reps):
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
     ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt)
     base = timeit(ordinary, reps)
-    base_mem = saved_bytes(lambda: (lambda l, a: (l + a).backward())(*loss_of(base_model, base_cfg, x, y)))
+    base_mem = saved_bytes(lambda: forward_backward(base_model, base_cfg, x, y))
     for T in (4, 10):
         ratios, mems = [], []
-        for path in ("unrolled", "stepwise"):
-            ratios.append(paired_ratio(lambda: train_step(model, cfg, x, y, opt, T, path), ordinary, max(3, reps // 2)))
-            mems.append(saved_bytes(lambda: train_step(model, cfg, x, y, opt, T, path)) / base_mem)
+        for stepwise in (False, True):
+            ratios.append(paired_ratio(lambda: train_step(model, cfg, x, y, opt, T, stepwise), ordinary, max(3, reps // 2)))
+            mems.append(saved_bytes(lambda: train_step(model, cfg, x, y, opt, T, stepwise)) / base_mem)
         print(f"{T:>3} {base * 1e3:>12.1f} {base_mem / 2**20:>8.1f} {ratios[0]:>16.2f} {ratios[1]:>16.2f} "
               f"{mems[0]:>15.2f} {mems[1]:>15.2f}")
         if device.type == "cuda":
-            for path in ("unrolled", "stepwise"):
+            for stepwise in (False, True):
                 torch.cuda.reset_peak_memory_stats()
-                train_step(model, cfg, x, y, opt, T, path)
-                print(f"    {path}: GPU peak allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+                train_step(model, cfg, x, y, opt, T, stepwise)
+                print(f"    {'stepwise' if stepwise else 'unrolled'}: GPU peak allocated "
+                      f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
 
 
 # Profiler op names -> the parts of a layer (fwd + bwd). aten::mm is the router when one of its
@@ -196,7 +193,7 @@ def large_model_estimate(device, T=10, gpu_gb=80):
     cfg = sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000)
     model = sm.DiT(cfg).to(device)                             # R_sal would add 0.3% parameters
     x, y = torch.randn(2, 4, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
-    per_image = saved_bytes(lambda: (lambda l, a: (l + a).backward())(*loss_of(model, cfg, x, y))) / 2
+    per_image = saved_bytes(lambda: forward_backward(model, cfg, x, y)) / 2
     params = sum(p.numel() for p in model.parameters())
     states = params * 4 * 5                                    # weights, gradients, 2 AdamW moments, EMA
     free = gpu_gb * 2**30 - states
@@ -244,7 +241,7 @@ def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (the median is reported)")
     p.add_argument("--batch", type=int, default=32, help="images per step for parts 2 and 3")
     args = p.parse_args()

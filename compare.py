@@ -1,203 +1,439 @@
 """
-The whole comparison behind README's claim table, from one pretrained checkpoint, in one command:
+The claim, measured: from pretrained MoE checkpoints, post-train SharpMoE and both controls at
+several budgets and seeds, measure expert count against saliency in three views, and write the
+tables and figures that README links to.
 
-    python compare.py --init runs/quickstart/pretrain/last.pt --out runs/compare
+    python compare.py --init runs/base/ec/last.pt runs/base/diffmoe/last.pt \\
+        --reference runs/base/dense/last.pt --out runs/compare --results results
 
-For each seed it post-trains (train.py, in this process, one run after another):
-  control-steps      ordinary training, as many steps as SharpMoE            (--sharpmoe off)
-  control-compute    ordinary training, T times as many (the same compute)   (--sharpmoe off)
-  dual-only          SharpMoE's dual router and trajectory, no routing loss  (lambda 0)
-  paper              the paper's loss at the paper's lambda                  (gate mass, trajectory sum, 0.001)
-  paper-lambda-0.1   the paper's loss, 100 times stronger (what the gate mass does to counts)
-  count-{trajectory,step}-LAMBDA, count-step-residual-LAMBDA
-                     our count-aware routing mass, per target, over the lambda sweep
-then the best count-aware setting again with --oracle, R_sal seeing the true x0 in training and
-in the measurement: can it route the early steps at all when it knows the image? "Best": the
-highest position-controlled correlation averaged over all steps and seeds, among the count-aware
-settings whose held-out loss (averaged over steps) stays within 5% of the same-compute control's.
-Every run, and the pretrained checkpoint, is measured with sm.routing_probe on held-out images
-with fixed noise: per step, the rank correlation of expert count with saliency (raw, and
-position-controlled), the flow-matching loss, and the mean count per saliency quintile at the
-early steps. Mean and spread over the seeds go to OUT/table.md and
-OUT/results.json. Rerunning skips finished runs and resumes killed ones.
+For each base (--init), seed and post-training budget B (--budgets), with train.py --recipe cpu:
+  control-steps     ordinary training for B steps                          (--sharpmoe off)
+  control-compute   ordinary training for T B steps: the same compute      (--sharpmoe off)
+  paper             SharpMoE, the paper's loss: gate mass, one KL on the trajectory sum, lambda 0.001
+  count             SharpMoE, ours: soft-count mass, one KL per step, M less the data's mean
+                    saliency per position, lambda 0.01 (the best setting of the --sweep at 150 steps)
+  count-oracle      `count` with R_sal given the true x0 in training and measurement: what R_sal can
+                    learn to route by at this budget, the bound for x0_hat (not a method)
+  count-nopos       `count` with R_sal reading x0_hat without the position embedding (budgets <= 600)
+--sweep adds, at the first budget: dual-only (lambda 0), the paper's loss at lambda 0.1, and the
+count-aware mass over scope, target and lambda. Each setting is one run per seed that continues
+from budget to budget (snapshots OUT/ROUTER/seedS/RUN/stepN.pt; the two controls are one run,
+taken at B and T B steps; budgets run in ascending order, so the small ones finish first).
+Rerunning skips what exists and resumes what was killed.
+
+Every snapshot and each base is measured per denoising step (cached beside it, stepN.json): the
+mean per-image rank correlation of expert count with Laplacian saliency (raw: the paper's
+measure) and the position-controlled correlation (sm.position_controlled_correlation), in
+  noised     held-out images noised along one trajectory, x0_hat chained (sm.routing_probe),
+             with the held-out flow-matching loss at the same t and noise
+  rollout    the checkpoint's own Euler rollout (cfg 1) against its own final images, as the
+             paper measures "along the generation rollout"; counts can cause saliency here (a
+             token given more experts may get more detail)
+  reference  the Euler states of a dense model trained on the same data (--reference), routed by
+             the checkpoint with x0_hat chained from its own velocity, against the dense model's
+             final images: generation without that feedback
 """
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
-import sample
 import sharpmoe as sm
-import train
+from common import RECIPES, HelpFormatter, UserError, load_checkpoint, load_model, noise_and_labels, run_cli
+from data import make_datasets, probe_batch
 
-SHOW_T = (0.999, 0.95, 0.8, 0.5, 0.2, 0.05)                    # the table's steps
-EARLY_T = (0.999, 0.95, 0.875, 0.8)                            # "early steps": t >= 0.8
+HERE = os.path.dirname(os.path.abspath(__file__))
+COUNT = ["--routing-mass", "count", "--routing-scope", "step", "--saliency-target", "residual", "--routing-weight", "0.01"]
+VIEWS = ("noised", "rollout", "reference")
+DATA_FLAGS = ("data", "val_data", "builtin", "builtin_size", "image_size")   # a base's data: every run's
 
 
 def settings(args):
-    """(name, train.py flags) of every run but the oracle, for one seed."""
-    S, T = args.steps, args.trajectory_steps
-    post = ["--trajectory-steps", str(T)]
-    runs = [("control-steps", ["--sharpmoe", "off", "--steps", str(S)]),
-            ("control-compute", ["--sharpmoe", "off", "--steps", str(S * T)]),
-            ("dual-only", post + ["--steps", str(S), "--routing-weight", "0"]),
-            ("paper", post + ["--steps", str(S), "--routing-weight", "0.001"]),
-            ("paper-lambda-0.1", post + ["--steps", str(S), "--routing-weight", "0.1"])]
-    for target, residual in (("trajectory", False), ("step", False), ("step", True)):
-        for lam in args.lambdas:
-            name = f"count-{target}{'-residual' if residual else ''}-{lam:g}"
-            runs.append((name, post + ["--steps", str(S), "--routing-weight", str(lam), "--routing-mass", "count",
-                                       "--routing-target", target, "--saliency-target", "residual" if residual else "raw"]))
-    return runs
+    """(name, run, train.py flags, steps at budget B, the last budget it runs at) of every row.
+    The two controls are one run: ordinary training measured at B and at T B steps."""
+    T, last, first = args.trajectory_steps, args.budgets[-1], args.budgets[0]
+    control = ["--sharpmoe", "off"]
+    rows = [("control-steps", "control", control, 1, last), ("control-compute", "control", control, T, last),
+            ("paper", "paper", [], 1, last), ("count", "count", COUNT, 1, last),
+            ("count-oracle", "count-oracle", COUNT + ["--oracle"], 1, last),
+            ("count-nopos", "count-nopos", COUNT + ["--sal-position", "off"], 1,
+             max([first] + [b for b in args.budgets if b <= 600]))]
+    if args.sweep:
+        rows += [("dual-only", "dual-only", ["--routing-weight", "0"], 1, first),
+                 ("paper-lambda-0.1", "paper-lambda-0.1", ["--routing-weight", "0.1"], 1, first)]
+        for scope, target in (("trajectory", "raw"), ("step", "raw"), ("step", "residual")):
+            for lam in ("0.001", "0.01", "0.1"):
+                name = f"count-{scope}{'-residual' if target == 'residual' else ''}-{lam}"
+                flags = ["--routing-mass", "count", "--routing-scope", scope, "--saliency-target", target,
+                         "--routing-weight", lam]
+                rows.append((name, "count" if flags == COUNT else name, flags, 1, first))
+    return [r for r in rows if not args.settings or r[0] in args.settings]
 
 
-def train_run(args, name, flags, seed):
-    """train.py into OUT/seedN/NAME; skipped when finished, resumed when killed."""
-    out = os.path.join(args.out, f"seed{seed}", name)
-    ckpt = os.path.join(out, "last.pt")
-    steps = int(flags[flags.index("--steps") + 1])
-    resume = []
-    if os.path.exists(ckpt):
-        if train.load_checkpoint(ckpt)["step"] == steps:
-            return ckpt
-        resume = ["--resume", ckpt]
-    print(f"\n== seed {seed}: {name}", flush=True)
-    train.main(train.parse_args([
-        "--init", args.init, "--seed", str(seed), "--out", out, "--global-batch-size", str(args.global_batch_size),
-        "--lr", str(args.lr), "--grad-clip", "1", "--ema", str(args.ema), "--num-workers", str(args.num_workers),
-        "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every), "--probe-images", str(args.probe_images),
-        *data_flags(args), *flags, *resume]))
-    return ckpt
+def schedule(args, runs):
+    """(budget, run, flags, steps) in training order: by the budget that first needs a snapshot,
+    each run's snapshots in ascending steps (a run only goes forward)."""
+    need = {}
+    for _, run, flags, factor, last in runs:
+        for b in args.budgets:
+            if b <= last:
+                targets = need.setdefault(run, (flags, {}))[1]
+                targets[b * factor] = min(targets.get(b * factor, b), b)
+    order = []
+    for run, (flags, targets) in need.items():
+        phase = 0
+        for steps in sorted(targets):
+            phase = max(phase, targets[steps])                  # never behind a smaller snapshot
+            order.append((phase, run, flags, steps))
+    return sorted(order, key=lambda o: (o[0], list(need).index(o[1]), o[3]))
 
 
-def data_flags(args):
-    """The pretrained checkpoint's data: the same for every run."""
-    a = args.init_args
-    flags = ["--image-size", str(a["image_size"]), "--builtin-size", str(args.builtin_size or a["builtin_size"])]
-    if a.get("data"):
-        return flags + ["--data", a["data"]] + (["--val-data", a["val_data"]] if a.get("val_data") else [])
-    return flags + ["--builtin", a.get("builtin", "shapes")]
+def snapshot(args, base, run, seed, steps):
+    return os.path.join(args.out, base["router"], f"seed{seed}", run, f"step{steps}.pt")
 
 
-@torch.no_grad()
-def measure(ckpt, probe_set, weights, oracle=False):
-    """sm.routing_probe of a checkpoint on the probe set: per-step lists, and early-step quintiles."""
-    model, _ = sample.load_model(ckpt, weights, "cpu")
-    x0, y, eps = probe_set
-    r = sm.routing_probe(model, x0, y, eps, oracle=oracle)
-    M = sm.laplacian_saliency(x0, model.cfg.patch_size)
-    quintile = M.argsort(1).argsort(1) * 5 // M.shape[1]           # (B, N) in 0..4, per image
-    early = r["counts"][[sm.PROBE_T.index(t) for t in EARLY_T]].float().mean(0)   # (B, N)
-    return dict(corr=r["corr"].tolist(), corr_pos=r["corr_pos"].tolist(), loss=r["loss"].tolist(),
-                quintiles=[float(early[quintile == q].mean()) for q in range(5)])
+def train_to(args, base, run, flags, seed, steps):
+    """Snapshot OUT/ROUTER/seedS/RUN/stepN.pt of one run after `steps` steps: train.py continues
+    the run (or starts it) up to there, then last.pt is copied."""
+    out = os.path.dirname(snapshot(args, base, run, seed, steps))
+    snap, last = os.path.join(out, f"step{steps}.pt"), os.path.join(out, "last.pt")
+    if os.path.exists(snap):
+        return snap
+    at = load_checkpoint(last)["step"] if os.path.exists(last) else 0
+    if at > steps:
+        raise UserError(f"{last} is at step {at}, past {steps}, and has no snapshot; delete {out} to rerun it")
+    if at < steps:
+        print(f"\n== {base['router']} seed {seed}: {run}, steps {at} -> {steps}", flush=True)
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), "--recipe", args.recipe, "--init", base["path"],
+               "--seed", str(seed), "--out", out, "--steps", str(steps), "--backward", args.backward,
+               "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every),
+               "--num-workers", str(args.num_workers), "--probe-images", str(args.probe_images),
+               *base["data_flags"], *flags, *(["--resume", last] if at else [])]
+        if subprocess.run(cmd).returncode:
+            raise UserError(f"train.py stopped in {out} (its log.txt and the lines above say why); "
+                            "rerun this command to continue")
+    shutil.copyfile(last, snap + ".tmp")
+    os.replace(snap + ".tmp", snap)
+    return snap
 
 
-def best_count_setting(measured):
-    """The count-aware setting with the highest position-controlled correlation (mean over steps
-    and seeds) among those whose held-out loss stays within 5% of the same-compute control's."""
-    mean = lambda name, key: np.mean([r[key] for r in measured[name]])
-    budget = 1.05 * mean("control-compute", "loss")
-    fair = [n for n in measured if n.startswith("count-") and mean(n, "loss") <= budget]
-    return max(fair or [n for n in measured if n.startswith("count-")], key=lambda n: mean(n, "corr_pos"))
+# ----------------------------------------------------------------------------------------------
+# Measuring a checkpoint in the three views
+
+class Views:
+    """The fixed inputs of the three views for one base's data, the same for every checkpoint:
+    held-out images and noise; rollout noise and labels; the reference's states and images."""
+
+    def __init__(self, args, base_args, cfg):
+        _, held_out = make_datasets(**{k: base_args[k] for k in DATA_FLAGS if k in base_args})
+        self.x0, self.y, self.eps = probe_batch(held_out, args.eval_images)
+        self.noise, self.labels = noise_and_labels(range(args.rollout_images), cfg, seed=0)
+        self.steps, self.reference = args.sample_steps, None
+        if args.reference:
+            ref, ref_args = load_model(args.reference, args.weights)
+            if ref.moe_layers() or (ref.cfg.num_classes, ref.cfg.in_channels, ref.cfg.image_size) != \
+                    (cfg.num_classes, cfg.in_channels, cfg.image_size) or \
+                    any(ref_args.get(k) != base_args.get(k) for k in DATA_FLAGS):
+                raise UserError(f"--reference {args.reference} must be a dense model trained on the same data as "
+                                f"the --init models (train.py --router dense with their data flags)")
+            x, ts, _, states = sm.rollout_routing(ref, self.noise, self.labels, self.steps)
+            self.reference = (states, ts, x)
+
+    def measure(self, model, oracle=False):
+        """{view: {t, corr, corr_pos[, loss, quintiles]}}, per denoising step. The oracle routes
+        with the true x0 (noised) or the reference's image (reference); it has no own rollout."""
+        r = sm.routing_probe(model, self.x0, self.y, self.eps, oracle=oracle)
+        M = sm.laplacian_saliency(self.x0, model.cfg.patch_size)
+        early = r["counts"][torch.tensor(sm.PROBE_T) >= sm.EARLY].float().mean(0)   # (B, N)
+        out = dict(noised=dict(t=list(sm.PROBE_T), corr=r["corr"].tolist(), corr_pos=r["corr_pos"].tolist(),
+                               loss=r["loss"].tolist(), quintiles=sm.saliency_quintiles(early, M).tolist()))
+        if not oracle:
+            x, ts, counts, _ = sm.rollout_routing(model, self.noise, self.labels, self.steps)
+            out["rollout"] = dict(t=ts.tolist(), **listed(sm.count_saliency(counts, saliency(x, model))))
+        if self.reference is not None:
+            states, ts, x = self.reference
+            counts = sm.routing_along(model, states, ts, self.labels, x if oracle else None)
+            out["reference"] = dict(t=ts.tolist(), **listed(sm.count_saliency(counts, saliency(x, model))))
+        return out
 
 
-def summarize(per_seed):
-    """{key: per-step list} over seeds -> {key: (mean list, spread list)}, spread = max - min,
-    and n, the number of seeds."""
-    out = dict(n=len(per_seed))
-    for key in per_seed[0]:
-        v = np.array([r[key] for r in per_seed])
-        out[key] = (v.mean(0).tolist(), (v.max(0) - v.min(0)).tolist())
-    return out
+def saliency(x, model):
+    return sm.laplacian_saliency(x, model.cfg.patch_size)
 
 
-def table(results):
-    """Markdown: three per-step tables (raw, position-controlled, held-out loss) and quintiles."""
-    cols = [sm.PROBE_T.index(t) for t in SHOW_T]
-    head = lambda first: [f"| {first} | " + " | ".join(f"t={t:g}" for t in SHOW_T) + " |",
-                          "|---|" + "---|" * len(SHOW_T)]
-    cell = lambda m, s, f, n: format(m, f) + (" ± " + format(s / 2, f.lstrip("+")) if n > 1 else "")
-    lines = []
-    for key, title, f in (("corr", "Rank correlation (expert count, saliency), raw", "+.2f"),
-                          ("corr_pos", "Position-controlled correlation (count against each token's saliency rank minus "
-                                       "that rank's mean at its position)", "+.2f"),
-                          ("loss", "Held-out flow-matching loss at the same t and noise", ".3f")):
-        lines += ["", f"**{title}**", ""] + head("run")
-        for name, r in results.items():
-            m, s = r[key]
-            lines.append(f"| {name} | " + " | ".join(cell(m[i], s[i], f, r["n"]) for i in cols) + " |")
-    lines += ["", "**Mean expert count per saliency quintile (Q1 least salient), early steps (t >= 0.8)**", "",
-              "| run | Q1 | Q2 | Q3 | Q4 | Q5 |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        m, s = r["quintiles"]
-        lines.append(f"| {name} | " + " | ".join(cell(m[q], s[q], ".2f", r["n"]) for q in range(5)) + " |")
-    return "\n".join(lines)
+def listed(d):
+    return {k: v.tolist() for k, v in d.items()}
 
+
+def measured(args, views, ckpt, oracle=False):
+    """views.measure of a checkpoint, cached beside it as .json (delete the file to measure again)."""
+    cache = os.path.splitext(ckpt)[0] + ".json"
+    key = dict(eval_images=args.eval_images, rollout_images=args.rollout_images, sample_steps=args.sample_steps,
+               weights=args.weights, reference=os.path.abspath(args.reference) if args.reference else None)
+    if os.path.exists(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["views"]
+    model, _ = load_model(ckpt, args.weights)
+    result = views.measure(model, oracle)
+    with open(cache + ".tmp", "w") as f:
+        json.dump(dict(key=key, views=result), f)
+    os.replace(cache + ".tmp", cache)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and figures
+
+def at_show_t(ts):
+    """Indices of the steps of ts nearest to sm.SHOW_T."""
+    return [int(np.abs(np.array(ts) - t).argmin()) for t in sm.SHOW_T]
+
+
+def early(view, key="corr_pos"):
+    """A view's mean over its early steps (t >= sm.EARLY)."""
+    return float(np.mean([v for t, v in zip(view["t"], view[key]) if t >= sm.EARLY]))
+
+
+def over_seeds(rows, fn):
+    """fn over each seed's measurement: (mean, half the range), or None if none has it."""
+    v = [fn(r) for r in rows]
+    v = [x for x in v if x is not None]
+    return (float(np.mean(v)), float((max(v) - min(v)) / 2)) if v else None
+
+
+def cell(ms, f):
+    if ms is None:
+        return "-"
+    return format(ms[0], f) + (f" ± {format(ms[1], f.lstrip('+'))}" if ms[1] else "")
+
+
+def tables(results, base, args):
+    """Markdown for one base: the summary, then per view and budget the per-step tables."""
+    names = list(results["runs"])
+    budgets = [b for b in args.budgets if any(b in results["runs"][n] for n in names)]
+    view_of = lambda name, b, v: [r.get(v) for r in results["runs"].get(name, {}).get(b, [])]
+    get = lambda name, b, v, fn: over_seeds(view_of(name, b, v), lambda r: None if r is None else fn(r))
+    pre = results["pretrained"]
+    lines = [f"# {base['router']}: the claim at {', '.join(map(str, budgets))} post-training steps", "",
+             f"Made by `{results['command']}`. From `{base['path']}` ({base['router']}, recipe {args.recipe}, "
+             f"T = {args.trajectory_steps}, {args.weights} weights), seeds {', '.join(map(str, args.seeds))}; "
+             f"mean ± half the range over seeds. Views (compare.py's docstring): noised = {args.eval_images} "
+             f"held-out images, rollout = {args.rollout_images} samples of the checkpoint itself, reference = the "
+             f"same noise and labels through a dense model's rollout ({args.sample_steps} Euler steps, cfg 1). "
+             f"Early steps: t >= {sm.EARLY}. The oracle's held-out loss is not comparable: the true x0 reaches "
+             "the prediction through the routing.", "",
+             "## Summary: early-step position-controlled correlation, and held-out loss", "",
+             "| budget | run | " + " | ".join(f"early, {v}" for v in VIEWS) + " | held-out loss (mean over t) |",
+             "|---|---|" + "---|" * (len(VIEWS) + 1)]
+    lines.append("| 0 | pretrained | " + " | ".join(cell((early(pre[v]), 0), "+.3f") if v in pre else "-" for v in VIEWS)
+                 + f" | {np.mean(pre['noised']['loss']):.4f} |")
+    for b in budgets:
+        for name in names:
+            if b in results["runs"][name]:
+                lines.append(f"| {b} | {name} | " + " | ".join(cell(get(name, b, v, early), "+.3f") for v in VIEWS)
+                             + f" | {cell(get(name, b, 'noised', lambda r: float(np.mean(r['loss']))), '.4f')} |")
+    lines += ["", "## Gap to the oracle closed by x0_hat (early steps, noised view): "
+              "(run - control-compute) / (oracle - control-compute)", "", "| budget | oracle gap | paper | count |",
+              "|---|---|---|---|"]
+    for b in budgets:
+        ref, orc = get("control-compute", b, "noised", early), get("count-oracle", b, "noised", early)
+        if ref and orc:
+            gap = orc[0] - ref[0]
+            frac = lambda n: (lambda m: "-" if m is None else f"{(m[0] - ref[0]) / gap:+.2f}")(get(n, b, "noised", early))
+            lines.append(f"| {b} | {gap:+.3f} | {frac('paper')} | {frac('count')} |")
+    for b in budgets:
+        for v in VIEWS:
+            rows = [(n, results["runs"][n][b]) for n in names if b in results["runs"][n] and results["runs"][n][b][0].get(v)]
+            if not rows:
+                continue
+            ts = rows[0][1][0][v]["t"]
+            cols = at_show_t(ts)
+            for key, title in (("corr", "raw rank correlation"), ("corr_pos", "position-controlled correlation")):
+                lines += ["", f"### {b} steps, {v} view: {title}", "",
+                          "| run | " + " | ".join(f"t={ts[c]:.3g}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
+                if v in pre:
+                    lines.append("| pretrained | " + " | ".join(f"{pre[v][key][c]:+.2f}" for c in cols) + " |")
+                for n, seeds in rows:
+                    lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r[v][key][c]), "+.2f")
+                                                         for c in cols) + " |")
+        rows = [(n, results["runs"][n][b]) for n in names if b in results["runs"][n]]
+        ts = pre["noised"]["t"]
+        cols = at_show_t(ts)
+        lines += ["", f"### {b} steps, noised view: held-out flow-matching loss", "",
+                  "| run | " + " | ".join(f"t={ts[c]:.3g}" for c in cols) + " |", "|---|" + "---|" * len(cols),
+                  "| pretrained | " + " | ".join(f"{pre['noised']['loss'][c]:.3f}" for c in cols) + " |"]
+        for n, seeds in rows:
+            lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r["noised"]["loss"][c]), ".3f")
+                                                 for c in cols) + " |")
+        lines += ["", f"### {b} steps, noised view: mean expert count per saliency quintile at early steps "
+                  "(Q1 least salient)", "", "| run | Q1 | Q2 | Q3 | Q4 | Q5 |", "|---|---|---|---|---|---|",
+                  "| pretrained | " + " | ".join(f"{q:.2f}" for q in pre["noised"]["quintiles"]) + " |"]
+        for n, seeds in rows:
+            lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r["noised"]["quintiles"][q]), ".2f")
+                                                 for q in range(5)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot(panels, path, title, order):
+    """Line plots side by side, one PNG. panels: (title, x label, {line: [(x, y), ...]}, x
+    log-scaled, y axis from 0); a line's colour follows its place in `order`."""
+    W, H, m = 420, 300, 48                                       # panel size, margin for the axes
+    labels = [k for k in order if any(k in lines for _, _, lines, _, _ in panels)]
+    font = ImageFont.load_default(size=12)
+    img = Image.new("RGB", (len(panels) * W + 180, H + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 4), title, fill="black", font=font)
+    for p, (name, xlabel, lines, xlog, zero) in enumerate(panels):
+        pts = [pt for line in lines.values() for pt in line]
+        if not pts:
+            continue
+        fx = (lambda x: np.log(x)) if xlog else (lambda x: x)
+        xs, ys = [fx(x) for x, _ in pts], [y for _, y in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys + [0.0] * zero), max(ys + [0.0] * zero)
+        x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0) * 0.01
+        if xlabel == "t":
+            x0, x1 = x1, x0                                     # denoising runs from t = 1 to 0
+        left, top = p * W + m, 30
+        X = lambda x: left + (fx(x) - x0) / (x1 - x0) * (W - m - 10)
+        Y = lambda y: top + (y1 - y) / (y1 - y0) * (H - m - 10)
+        d.rectangle([left, top, left + W - m - 10, top + H - m - 10], outline="black")
+        if zero:
+            d.line([left, Y(0), left + W - m - 10, Y(0)], fill=(200, 200, 200))
+        d.text((left + 4, top + 2), name, fill="black", font=font)
+        for v in (y0, y1):
+            d.text((p * W + 4, Y(v) - 6), f"{v:+.2f}" if zero else f"{v:.3f}", fill="black", font=font)
+        ticks = sorted({x for x, _ in pts})
+        for x in (ticks if len(ticks) <= 6 else [ticks[0], ticks[-1]]):
+            d.text((X(x) - 8, top + H - m - 6), f"{x:.3g}", fill="black", font=font)
+        d.text((left + (W - m) // 2 - 10, top + H - m + 6), xlabel, fill="black", font=font)
+        for label, line in lines.items():
+            color = PALETTE[order.index(label) % len(PALETTE)]
+            line = sorted(line)
+            d.line([(X(x), Y(y)) for x, y in line], fill=color, width=2) if len(line) > 1 else None
+            for x, y in line:
+                d.ellipse([X(x) - 2, Y(y) - 2, X(x) + 2, Y(y) + 2], fill=color)
+    for i, label in enumerate(labels):
+        color = PALETTE[order.index(label) % len(PALETTE)]
+        d.line([len(panels) * W + 8, 40 + 16 * i + 6, len(panels) * W + 28, 40 + 16 * i + 6], fill=color, width=3)
+        d.text((len(panels) * W + 32, 40 + 16 * i), label, fill="black", font=font)
+    img.save(path)
+
+
+def figures(results, base, args, prefix):
+    """Two PNGs: position-controlled correlation per step in each view at the largest budget;
+    early-step correlation in each view and held-out loss against the budget."""
+    runs, pre = results["runs"], results["pretrained"]
+    b = max([max(r) for r in runs.values() if r] or [0])
+    mean = lambda seeds, fn: float(np.mean([fn(s) for s in seeds]))
+    panels = []
+    for v in VIEWS:
+        lines = {"pretrained": list(zip(pre[v]["t"], pre[v]["corr_pos"]))} if v in pre else {}
+        for n, by_budget in runs.items():
+            seeds = by_budget.get(b, [])
+            if seeds and seeds[0].get(v):
+                lines[n] = [(t, mean(seeds, lambda r: r[v]["corr_pos"][i])) for i, t in enumerate(seeds[0][v]["t"])]
+        panels.append((f"{v}: beyond position, {b} steps", "t", lines, False, True))
+    order = ["pretrained", *runs]
+    plot(panels, f"{prefix}_steps.png", f"{base['router']}: position-controlled correlation of expert count with "
+         f"saliency per denoising step (mean over seeds)", order)
+    panels = []
+    for v in VIEWS + ("loss",):
+        key = "noised" if v == "loss" else v
+        fn = (lambda r: float(np.mean(r["noised"]["loss"]))) if v == "loss" else (lambda r: early(r[v]))
+        lines = {n: [(bb, mean(s, fn)) for bb, s in sorted(by.items()) if s and s[0].get(key)]
+                 for n, by in runs.items() if not (v == "loss" and "oracle" in n)}
+        panels.append(("held-out loss (mean over t)" if v == "loss" else f"{v}: early steps, beyond position",
+                       "post-training steps", {n: l for n, l in lines.items() if l}, True, v != "loss"))
+    plot(panels, f"{prefix}_budget.png", f"{base['router']}: against the budget (mean over seeds; "
+         "the oracle's loss left out: not comparable)", order)
+
+
+# ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
-    p.add_argument("--init", required=True, help="the pretrained checkpoint every run starts from")
-    p.add_argument("--out", default="runs/compare", help="output folder (runs, table.md, results.json)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--init", nargs="+", required=True, help="pretrained ec / diffmoe checkpoints (no R_sal), one per router")
+    p.add_argument("--reference", default=None, help="a dense model trained on the same data, for the reference view")
+    p.add_argument("--out", default="runs/compare", help="folder of the runs and their measurements")
+    p.add_argument("--results", default="results", help="folder of the tables and figures (ROUTER.md, .json, .png)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="cpu", help="train.py's --recipe for every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="post-training seeds (two or more)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.001, 0.01, 0.1], help="the count-aware sweep")
-    p.add_argument("--steps", type=int, default=150, help="post-training steps (the controls: this, and T times this)")
-    p.add_argument("--trajectory-steps", type=int, default=4, help="T")
-    p.add_argument("--global-batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (the CPU preset's)")
-    p.add_argument("--ema", type=float, default=0.98, help="EMA decay of the post-training runs")
+    p.add_argument("--budgets", type=int, nargs="+", default=[150, 600, 2400], help="post-training steps measured")
+    p.add_argument("--settings", nargs="+", default=None, help="run only these settings (default: all)")
+    p.add_argument("--sweep", action="store_true", help="add the lambda / scope / target sweep at the first budget")
+    p.add_argument("--backward", choices=("unrolled", "stepwise"), default="unrolled",
+                   help="train.py's --backward (the same gradient; unrolled is faster where memory allows)")
     p.add_argument("--weights", choices=("ema", "model"), default="model",
-                   help="which weights are measured (model: what training produced; the pretrained EMA lags)")
-    p.add_argument("--eval-images", type=int, default=512, help="held-out images measured per run")
-    p.add_argument("--builtin-size", type=int, default=0, help="built-in training images (0: the checkpoint's)")
-    p.add_argument("--num-workers", type=int, default=1, help="data-loader workers")
-    p.add_argument("--log-every", type=int, default=50, help="log (and checkpoint) every this many steps")
-    p.add_argument("--probe-images", type=int, default=train.PROBE_IMAGES, help="images of each run's logged probe")
-    p.add_argument("--pretrained-only", action="store_true", help="measure the --init checkpoint only, train nothing")
+                   help="which weights are measured (model: what training produced; a short run's EMA lags)")
+    p.add_argument("--eval-images", type=int, default=512, help="held-out images of the noised view")
+    p.add_argument("--rollout-images", type=int, default=256, help="samples of the rollout and reference views")
+    p.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the rollout and reference views")
+    p.add_argument("--builtin-size", type=int, default=None, help="built-in training images (default: the base's)")
+    p.add_argument("--num-workers", type=int, default=1, help="train.py's data-loader workers")
+    p.add_argument("--log-every", type=int, default=150, help="train.py's log and checkpoint interval")
+    p.add_argument("--probe-images", type=int, default=256, help="held-out images of each run's logged probe")
+    p.add_argument("--measure-only", action="store_true", help="train nothing: measure the snapshots there are")
     args = p.parse_args(argv)
-    ckpt = train.load_checkpoint(args.init)
-    if ckpt["config"]["sharpmoe"] or ckpt["config"]["router"] not in sm.POOL_DIMS:
-        raise train.UserError(f"--init {args.init} must be a pretrained ec or diffmoe model without R_sal")
-    args.init_args = ckpt["args"]
+    args.budgets = sorted(set(args.budgets))
+    args.trajectory_steps = RECIPES[args.recipe]["trajectory_steps"]
+    if min(args.budgets) < 1 or len(args.seeds) < 1:
+        raise UserError("--budgets must be positive and --seeds must name at least one seed")
+    args.bases = []
+    for path in args.init:
+        ckpt = load_checkpoint(path)
+        router = ckpt["config"]["router"]
+        if ckpt["config"]["sharpmoe"] or router not in sm.POOL_DIMS:
+            raise UserError(f"--init {path} must be a pretrained ec or diffmoe model without R_sal")
+        if router in [b["router"] for b in args.bases]:
+            raise UserError(f"--init has two {router} models; give one per router")
+        a = dict(ckpt["args"], **({"builtin_size": args.builtin_size} if args.builtin_size else {}))
+        flags = [f"--{k.replace('_', '-')}={a[k]}" for k in DATA_FLAGS if a.get(k) is not None]
+        args.bases.append(dict(path=path, router=router, args=a, config=sm.Config(**ckpt["config"]), data_flags=flags))
     return args
 
 
 def main(args):
-    os.makedirs(args.out, exist_ok=True)
-    _, held_out = train.make_datasets(train.parse_args(data_flags(args)))
-    n = min(args.eval_images, len(held_out))
-    x0 = torch.stack([held_out[i][0] for i in range(n)])
-    probe_set = (x0, torch.tensor([held_out[i][1] for i in range(n)]),
-                 torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
-    measured = {"pretrained": [measure(args.init, probe_set, args.weights)]}
-    if args.pretrained_only:
-        print(table({"pretrained": summarize(measured["pretrained"])}))
-        return measured
-    # 1. the sweep, every seed
+    os.makedirs(args.results, exist_ok=True)
+    command = "python compare.py " + " ".join(sys.argv[1:]) if __name__ == "__main__" else "compare.main"
     runs = settings(args)
-    ckpts = {name: [train_run(args, name, flags, seed) for seed in args.seeds] for name, flags in runs}
-    # 2. measure every run on the same held-out images and noise
-    measured |= {name: [measure(c, probe_set, args.weights) for c in paths] for name, paths in ckpts.items()}
-    # 3. the best count-aware setting again with --oracle
-    best = best_count_setting(measured)
-    flags = dict(runs)[best] + ["--oracle"]
-    measured[f"oracle ({best})"] = [measure(train_run(args, best + "-oracle", flags, s), probe_set, args.weights, oracle=True)
-                                    for s in args.seeds]
-    # 4. the table
-    results = {name: summarize(r) for name, r in measured.items()}
-    md = (f"From `{args.init}`: {args.steps} post-training steps at T = {args.trajectory_steps}, seeds "
-          f"{', '.join(map(str, args.seeds))}, {args.weights} weights, {n} held-out images, fixed noise; "
-          f"mean ± half the range over seeds. Best count-aware setting (position-controlled correlation, "
-          f"held-out loss within 5% of control-compute): {best}; its oracle row routes with the true x0 in "
-          f"training and here.\n" + table(results))
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(t=list(sm.PROBE_T), best=best, per_seed=measured), f, indent=1)
-    print("\n" + md + f"\n\nwrote {args.out}/table.md and {args.out}/results.json")
-    return results
+    # 1. train, the small budgets first
+    if not args.measure_only:
+        for b, run, flags, steps in schedule(args, runs):
+            for seed in args.seeds:
+                for base in args.bases:
+                    train_to(args, base, run, flags, seed, steps)
+    # 2. measure every snapshot there is, 3. the tables and figures
+    out = {}
+    for base in args.bases:
+        views = Views(args, base["args"], base["config"])
+        results = dict(command=command, pretrained=measured(args, views, base["path"]), runs={})
+        for name, run, _, factor, last in runs:
+            for b in args.budgets:
+                snaps = [snapshot(args, base, run, s, b * factor) for s in args.seeds]
+                if b <= last and all(os.path.exists(s) for s in snaps):
+                    results["runs"].setdefault(name, {})[b] = [measured(args, views, s, "oracle" in name) for s in snaps]
+        prefix = os.path.join(args.results, base["router"])
+        with open(prefix + ".md", "w") as f:
+            f.write(tables(results, base, args))
+        with open(prefix + ".json", "w") as f:
+            json.dump(results, f)
+        figures(results, base, args, prefix)
+        print(f"wrote {prefix}.md, {prefix}.json, {prefix}_steps.png, {prefix}_budget.png")
+        out[base["router"]] = results
+    return out
 
 
 if __name__ == "__main__":
-    train.run_cli(main, parse_args)
+    run_cli(main, parse_args)

@@ -33,46 +33,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import train
-from fid import HelpFormatter, UserError
-
-VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-
-
-def load_vae(name, device="cpu"):
-    """diffusers' AutoencoderKL from a local folder or a Hugging Face id (cache first)."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise UserError("latent mode needs diffusers: pip install diffusers (or pip install -r requirements-test.txt)")
-    name = VAES.get(name, name)
-    try:
-        load = lambda **kw: AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False, **kw)   # (no accelerate)
-        if os.path.isdir(name):
-            vae = load()
-        else:
-            try:
-                vae = load(local_files_only=True)
-            except Exception:                                   # not cached: try the network
-                vae = load()
-    except Exception as e:
-        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}): it is not a local folder, not in the "
-                        f"Hugging Face cache, and could not be downloaded; download it where there is a network "
-                        f"(huggingface-cli download {name}) and pass --vae /path/to/it")
-    return vae.to(device).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def encode(vae, images):
-    """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H / f, W / f): the posterior mean times the VAE's
-    scaling factor (deterministic, as DiT's feature extraction)."""
-    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def decode(vae, latents):
-    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1] (not clamped)."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
+from common import HelpFormatter, UserError, run_cli, save_npz, setup_distributed, to_uint8
+from data import VAES, ImageFolder, encode, load_vae
 
 
 def parse_args(argv=None):
@@ -97,13 +59,12 @@ def parse_args(argv=None):
 
 def reference_batch(args):
     """The center crops of args.data as uint8 (N, size, size, 3) in args.out (.npz, arr_0 and labels)."""
-    import sample
-    data = train.ImageFolder(args.data, args.image_size)
+    data = ImageFolder(args.data, args.image_size)
     images, labels = [], []
     for x, y in tqdm(DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers),
                      desc=f"cropping {len(data)} images"):
-        images.append(sample.to_uint8(x)), labels.append(y.numpy())
-    sample.save_npz(args.out, arr_0=np.concatenate(images), labels=np.concatenate(labels))
+        images.append(to_uint8(x)), labels.append(y.numpy())
+    save_npz(args.out, arr_0=np.concatenate(images), labels=np.concatenate(labels))
     print(f"wrote {args.out}: {len(data)} images {args.image_size}x{args.image_size}, a reference batch for fid.py")
 
 
@@ -113,8 +74,8 @@ def main(args):
     if os.path.isfile(os.path.join(args.out, "meta.json")):
         print(f"{args.out} is complete (meta.json exists); nothing to do")
         return
-    rank, world, device = train.setup_distributed()
-    data = train.ImageFolder(args.data, args.image_size)
+    rank, world, device = setup_distributed()
+    data = ImageFolder(args.data, args.image_size)
     vae = load_vae(args.vae, device)
     with torch.no_grad():                                       # the latent grid, from one dummy image
         C, s = encode(vae, torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1:3]
@@ -157,4 +118,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    train.run_cli(main, parse_args)
+    run_cli(main, parse_args)

@@ -12,7 +12,6 @@ the checkpoint; x0_hat is carried into the router of a SharpMoE model.
 import argparse
 import json
 import os
-import zipfile
 
 import numpy as np
 import torch
@@ -21,42 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sharpmoe as sm
-import train
-
-
-def load_model(path, weights, device):
-    """(model in eval mode, the train.py arguments that made it)."""
-    ckpt = train.load_checkpoint(path)
-    if weights not in ckpt:
-        raise train.UserError(f"checkpoint {path} has no {weights!r} weights")
-    model = sm.DiT(train.checkpoint_config(ckpt, path))
-    train.load_weights(model, ckpt[weights], path)
-    return model.to(device).eval(), ckpt.get("args", {})
-
-
-def to_uint8(x):
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as DiT's sample_ddp does."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def noise_and_labels(indices, cfg, seed):
-    """Per-sample generators: sample i gets the same noise and label whatever the batch or rank."""
-    noise, labels = [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        noise.append(torch.randn(cfg.in_channels, cfg.image_size, cfg.image_size, generator=g))
-        labels.append(int(torch.randint(cfg.num_classes, (1,), generator=g)))
-    return torch.stack(noise), torch.tensor(labels)
-
-
-def save_npz(path, **arrays):
-    """np.savez with fixed zip timestamps, so that the same samples give the same bytes."""
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        for name, a in arrays.items():
-            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(a))
-    os.replace(tmp, path)
+from common import HelpFormatter, UserError, load_model, noise_and_labels, run_cli, save_npz, setup_distributed, to_uint8
+from data import ImageFolder, LatentFolder, decode, is_latent_folder, load_vae, make_datasets, probe_batch
 
 
 def save_grid(images, path, nrow, labels=None):
@@ -80,41 +45,9 @@ def save_grid(images, path, nrow, labels=None):
 # ----------------------------------------------------------------------------------------------
 # The routing report
 
-STEP_RANGES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0))   # early/noisy -> late
-FIGURE_T = (0.95, 0.75, 0.5, 0.25, 0.05)                             # count maps at these t
-
-
-def rollout_counts(model, noise, y, steps, cfg_scale):
-    """Generate, recording each token's expert count per step (conditional half, summed over
-    MoE layers). Returns images (B, C, H, W), ts (steps,), counts (steps, B, N)."""
-    x, counts, ts = noise, [], []
-    for t, x, routes in sm.euler_steps(model, noise, y, steps, cfg_scale):
-        counts.append(sm.expert_count(routes).cpu())
-        ts.append(float(t[0]))
-    return x, torch.tensor(ts), torch.stack(counts)
-
-
-@torch.no_grad()
-def real_counts(model, x0, y, steps, seed):
-    """Real images noised along one trajectory (the sampler's t grid, the same eps at every
-    step), x0_hat chained from the model's own v, conditional labels."""
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
-    ts = torch.linspace(1, 0, steps + 1, device=x0.device)[:-1]
-    steps = sm.unroll(model, x0, y, ts[:, None].expand(-1, x0.shape[0]), eps)
-    counts = [sm.expert_count(routes).cpu() for *_, routes in steps]
-    return ts.cpu(), torch.stack(counts)
-
-
-def quintile_table(counts, saliency, ts):
-    """Mean expert count per saliency quintile (of each image's tokens) for each step range."""
-    order = saliency.argsort(dim=1).argsort(dim=1)              # (B, N) rank of each token
-    quintile = order * 5 // saliency.shape[1]                   # (B, N) in 0..4
-    table = {}
-    for hi, lo in STEP_RANGES:
-        steps = (ts <= hi) & (ts > lo) if lo > 0 else (ts <= hi)
-        c = counts[steps].float().mean(0)                       # (B, N)
-        table[f"t in ({lo:.2f}, {hi:.2f}]"] = [round(float(c[quintile == q].mean()), 4) for q in range(5)]
-    return table
+def nearest_steps(ts):
+    """Indices of the steps of ts (K,) nearest to sm.SHOW_T (the steps reports show), each once."""
+    return list(dict.fromkeys(int((ts - t).abs().argmin()) for t in sm.SHOW_T))
 
 
 def colormap(a):
@@ -132,7 +65,7 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     different checkpoints compare; saliency is scaled per image."""
     B, N = saliency.shape
     g, H = int(N ** 0.5), max(128, images.shape[1])             # tiles of at least 128 pixels
-    picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
+    picks = nearest_steps(ts)
     titles = [first, "saliency"] + [f"experts, t={float(ts[p]):.2f}" for p in picks]
     font = ImageFont.load_default(size=14)
     top, bar = 24, 40                                           # title row; colour bar below the rows
@@ -156,25 +89,28 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
 
 
 def routing_report(model, x, shown, counts, ts, out, name):
-    """Print and save (JSON, PNG) the routing-versus-saliency report. x: what the model denoises
-    (pixels in [-1, 1], or latents), whose saliency is measured; shown: (B, H, W, 3) uint8, the
-    images the figure shows (decoded, for latents)."""
+    """Print and save (JSON, PNG) the routing-versus-saliency report of counts (K, B, N) at
+    steps ts (K,). x: what the model denoises (pixels in [-1, 1], or latents), whose saliency is
+    measured; shown: (B, H, W, 3) uint8, the images the figure shows (decoded, for latents)."""
     n_moe = len(model.moe_layers())
     saliency = sm.laplacian_saliency(x.float().cpu(), model.cfg.patch_size)
-    corr = torch.stack([sm.rank_correlation(c, saliency).mean() for c in counts])
+    counts = counts.cpu()
+    r = sm.count_saliency(counts, saliency)
+    shown_steps = nearest_steps(ts)
     report = dict(
         what=name, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(x.shape[0]),
         moe_layers=n_moe, t=[round(float(t), 4) for t in ts],
-        rank_correlation=[round(float(c), 4) for c in corr],
+        rank_correlation=[round(float(c), 4) for c in r["corr"]],
+        position_controlled_correlation=[round(float(c), 4) for c in r["corr_pos"]],
         experts_per_token_per_layer=[round(float(c.float().mean()) / n_moe, 4) for c in counts],
-        count_by_saliency_quintile=quintile_table(counts, saliency, ts))
+        count_by_saliency_quintile={f"t={float(ts[k]):.2f}": [round(float(c), 4) for c in
+                                                              sm.saliency_quintiles(counts[k], saliency)]
+                                    for k in shown_steps})
     print(f"\nrouting report ({name}): {model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}, "
-          f"{report['images']} images, experts per token summed over {n_moe} MoE layers")
-    print(f"{'step range':>20}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   (Q1 least salient)")
-    for k, v in report["count_by_saliency_quintile"].items():
-        print(f"{k:>20}  " + "  ".join(f"{c:6.3f}" for c in v))
-    picks = [int((ts - t).abs().argmin()) for t in FIGURE_T]
-    print("rank correlation(count, saliency): " + "  ".join(f"t={float(ts[p]):.2f}:{float(corr[p]):+.3f}" for p in picks))
+          f"{report['images']} images, expert count per token summed over {n_moe} MoE layers")
+    print(f"{'step':>8}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   (Q1 least salient)  corr   pos")
+    for (k, v), i in zip(report["count_by_saliency_quintile"].items(), shown_steps):
+        print(f"{k:>8}  " + "  ".join(f"{c:6.3f}" for c in v) + f"  {float(r['corr'][i]):+.2f} {float(r['corr_pos'][i]):+.2f}")
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
@@ -186,12 +122,12 @@ def routing_report(model, x, shown, counts, ts, out, name):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (the paper reports EMA)")
     p.add_argument("--steps", type=int, default=250, help="Euler steps (paper: 250)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1.0 turns guidance off (one pass)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed * 1000003 + i")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses the seed's generator for item i (common.generator)")
     p.add_argument("--out", default=None, help="output folder (default: CKPT's folder/samples)")
     p.add_argument("--grid", type=int, default=64, help="images in OUT/grid.png (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="write OUT/samples.npz with this many images")
@@ -213,33 +149,32 @@ def parse_args(argv=None):
                     (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)"),
                     (not os.path.isfile(args.out), f"--out {args.out} is a file; pass a folder")):
         if not ok:
-            raise train.UserError(msg)
+            raise UserError(msg)
     return args
 
 
-def report_images(args, train_args, n):
-    """The images of a --real report: --data, or the held-out images of the checkpoint's data."""
+def report_images(args, train_args, n, device):
+    """The images of a --real report: --data, or the held-out images of the checkpoint's data;
+    with fixed noise from --seed (data.probe_batch). Returns (x0, y, eps) and the class count."""
     if args.data:
-        data = train.LatentFolder(args.data, pairs=False) if train.is_latent_folder(args.data) else \
-            train.ImageFolder(args.data, train_args["image_size"])
+        held_out = LatentFolder(args.data, pairs=False) if is_latent_folder(args.data) else \
+            ImageFolder(args.data, train_args["image_size"])
     else:
-        defaults = vars(train.parse_args([]))                    # (for flags an older checkpoint lacks)
-        data = train.make_datasets(argparse.Namespace(**{**defaults, **train_args}))[1]
-    return [data[i] for i in range(min(n, len(data)))], len(data.classes)
+        held_out = make_datasets(**train_args)[1]
+    return probe_batch(held_out, n, args.seed, device), len(held_out.classes)
 
 
 @torch.no_grad()                                               # scoped: no global grad switch
 def main(args):
-    rank, world, device = train.setup_distributed()
+    rank, world, device = setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
     os.makedirs(args.out, exist_ok=True)
-    decode = lambda x: x                                        # pixel mode: the model's x is the image
+    decode_latents = lambda x: x                                # pixel mode: the model's x is the image
     if train_args.get("latent"):                                # latent mode: decode with the data's VAE
-        import latents                                          # (diffusers, imported only here)
-        vae = latents.load_vae(args.vae or train_args["latent"]["vae"], device)
-        decode = lambda x: latents.decode(vae, x)
-    pixels = lambda x: to_uint8(decode(x))                      # (B, C, h, w) -> (B, H, W, 3) uint8
+        vae = load_vae(args.vae or train_args["latent"]["vae"], device)
+        decode_latents = lambda x: decode(vae, x)
+    pixels = lambda x: to_uint8(decode_latents(x))              # (B, C, h, w) -> (B, H, W, 3) uint8
 
     # 1. the grid
     if args.grid and rank == 0:
@@ -275,24 +210,22 @@ def main(args):
     # 3. the routing report
     if args.report and rank == 0:
         if not model.moe_layers():
-            raise train.UserError("the routing report needs an MoE model; this checkpoint is dense")
-        n = args.report_images
-        if args.real:
-            items, n_classes = report_images(args, train_args, n)
-            if n_classes != cfg.num_classes or items[0][0].shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
-                raise train.UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(items[0][0].shape)}; "
-                                      f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
-            x0 = torch.stack([x for x, _ in items]).to(device)
-            y = torch.tensor([label for _, label in items], device=device)
-            ts, counts = real_counts(model, x0, y, args.steps, args.seed)
+            raise UserError("the routing report needs an MoE model; this checkpoint is dense")
+        if args.real:                                           # view 1: held-out images, one noised trajectory
+            (x0, y, eps), n_classes = report_images(args, train_args, args.report_images, device)
+            if n_classes != cfg.num_classes or x0.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+                raise UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(x0.shape[1:])}; "
+                                f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
+            ts = torch.linspace(1, 0, args.steps + 1)[:-1]      # the sampler's steps
+            counts = sm.routing_probe(model, x0, y, eps, ts.tolist())["counts"]
             routing_report(model, x0, pixels(x0), counts, ts, args.out, "real")
-        else:
-            noise, y = noise_and_labels(range(n), cfg, args.seed)
-            x, ts, counts = rollout_counts(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
-            routing_report(model, x, pixels(x), counts, ts, args.out, "generated")
+        else:                                                   # view 2: along the model's own rollout
+            noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
+            x, ts, counts, _ = sm.rollout_routing(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
+            routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated")
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    train.run_cli(main, parse_args)
+    run_cli(main, parse_args)

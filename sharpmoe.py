@@ -4,19 +4,28 @@ SharpMoE: saliency-harnessing routing for diffusion Mixture-of-Experts, in one f
 Paper: "Focusing on What Matters: Saliency-Harnessing Accurate Routing for Diffusion MoE",
 Deng et al., arXiv 2606.26938 (ECCV 2026). No official code exists; this is a reference.
 
-What is here, top to bottom:
-  - a DiT (Peebles & Xie) that predicts the rectified-flow velocity v, whose FFN is either a
-    dense MLP or an MoE layer with one of three routers:
-        tc      token choice: each token takes its top-k experts (same compute per token)
-        ec      expert choice inside each image: each expert takes its top-C tokens
-        diffmoe expert choice over the batch's token pool, with DiffMoE's capacity predictor
-                and per-expert thresholds (dynamic capacity at inference)
-  - SharpMoE part 1, the dual router: logits S = R_pre(h_t) + R_sal(features of x0_hat)
-  - SharpMoE part 2, the recursive trajectory step (T steps of one trajectory, x0_hat chained)
-  - SharpMoE part 3, the trajectory routing loss KL(softmax(A) || softmax(M)) against the
-    Laplacian saliency M of the clean image
-  - the Euler sampler with classifier-free guidance and x0_hat carried into the router, and the
-    routing probe (expert count against saliency per denoising step, raw and beyond position).
+The paper, part by part, and where it lives here (top to bottom):
+
+  DiT-MoE: a DiT whose FFN is an MoE layer in every other block      DiT, Block, MoE, Experts
+    TC-DiT: each token takes its top-k experts                        token_choice
+    EC-DiT: each expert takes its top-C tokens of each image          expert_choice_in_image
+    DiffMoE: expert choice over the batch's pool; capacity            expert_choice_in_pool,
+      predictor and thresholds for dynamic capacity at inference      MoE.train_capacity_predictor,
+                                                                      threshold_choice
+  Part 1, dual router: S = R_pre(h_t) + R_sal(features of x0_hat)     MoE.forward, SaliencyRouter,
+                                                                      DiT.forward, add_saliency_routers
+  Part 2, recursive trajectory: T steps of one trajectory, x0_hat     trajectory_timesteps, unroll
+    chained (stop-gradient), t_1 = 0.999
+  Part 3, trajectory routing loss:
+    saliency M = AvgPool_patch(|Laplacian(x0)|)                        laplacian_saliency
+    routed mass A_i = sum_k,l,e 1[i selected by e] gate(i, e)          routed_mass
+    L_routing = KL(softmax(A) || softmax(M))                          routing_loss
+    L = L_fm + lambda L_routing over the trajectory                   trajectory_loss
+  Sampler: Euler, t = 1 -> 0, CFG, x0_hat carried into R_sal          euler_steps, guided_velocity
+  The key figure: expert count against saliency per denoising step   routing_probe (noised images),
+                                                                      rollout_routing (generation),
+                                                                      routing_along (given states)
+  Ours: the same gradient with one step's graph in memory             trajectory_backward_stepwise
 
 Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
 clean estimate x0_hat = x_t - t v. Symbols: B images of N tokens of width D; E experts; S the
@@ -24,8 +33,8 @@ routing logits (B, N, E) and gates = softmax_E(S); mask the selection (B, N, E);
 capacity; A the routed mass and M the saliency (B, N), as in the paper.
 
 Choices that are ours where the paper gives none:
-  - R_sal's input is the model's own patch embedding (+ position embedding) of x0_hat, computed
-    once per forward and shared by all MoE layers; its hidden width is `sal_hidden`.
+  - R_sal's input is the model's own patch embedding (+ position embedding, `sal_position`) of
+    x0_hat, computed once per forward and shared by all MoE layers; its hidden width is `sal_hidden`.
   - Trajectory timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal bins below.
   - Routing loss: A and M are standardized per image (zero mean, unit std) and divided by a
     temperature (`temp`) before the softmax; raw Laplacian magnitudes give an almost uniform
@@ -34,17 +43,18 @@ Choices that are ours where the paper gives none:
   - DiffMoE's thresholds start at 0 (its capacity predictor, Linear(D, D)-SiLU-Linear(D, E), is
     as in DiffMoE's code).
   - Gates are softmax probabilities over experts and are not renormalized after selection.
-  - Beside the paper's routing loss (the defaults), three options, measured in README: a
-    count-aware routed mass (`mass="count"`: under expert choice the paper's gate mass can lower
-    a token's expert count when the loss raises its mass), one KL per step instead of one on the
-    trajectory sum (`target="step"`), and a position-debiased saliency target (`saliency_mean`).
-  - Every iteration's randomness (timesteps, noise, label drops) is drawn once, up front
-    (training_noise), so that train.py can draw it for the global batch: runs do not depend on
-    the number of GPUs.
+  - Beside the paper's routing loss (the defaults of SharpMoELoss), three options: a count-aware
+    routed mass (`mass="count"`: under expert choice the paper's gate mass can lower a token's
+    expert count when the loss raises its mass; see routed_mass), one KL per step instead of one
+    on the trajectory sum (`scope="step"`), and M minus the training data's mean saliency per
+    token position (`saliency_mean`).
+  - Every iteration's randomness (timesteps, noise, label drops) is drawn up front (draw_training),
+    so that train.py can draw it for the global batch: runs do not depend on the number of GPUs.
 """
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,13 +78,14 @@ class Config:
     mlp_ratio: float = 4.0
     num_classes: int = 1000       # FOOTGUN: label num_classes (one past the last) is the CFG null class
     class_dropout: float = 0.1    # label dropout for classifier-free guidance
-    router: str = "ec"            # the routing rule, one of ROUTERS (the layers' R_pre is `pre_router`)
+    router: str = "ec"            # how tokens and experts are matched, one of ROUTERS
     num_experts: int = 0          # 0: the paper's choice, 16 for diffmoe and 8 for tc / ec
     top_k: int = 1                # experts per token on average (paper: about 1)
     moe_every: int = 2            # an MoE layer in every moe_every-th block (paper: every other)
     threshold_decay: float = 0.95  # DiffMoE: EMA of the per-expert thresholds
     sharpmoe: bool = False        # the model has the saliency routers R_sal
     sal_hidden: int = 64          # R_sal hidden width (our choice)
+    sal_position: bool = True     # R_sal's input: x0_hat's patch embedding + the position embedding (ours)
 
     def __post_init__(self):
         if self.router not in ROUTERS:
@@ -287,18 +298,18 @@ class SaliencyRouter(nn.Module):
 
 class MoE(nn.Module):
     """An MoE FFN: routing logits S = R_pre(h) [+ R_sal(x0_hat_emb)], gates = softmax_E(S), a
-    selection by the configured rule, and the selected experts' outputs weighted by their gates.
+    selection by the configured router (tc, ec, diffmoe), and the selected experts' outputs weighted by their gates.
     forward returns (out, aux, (gates, mask)): the gates and selection are what the routing loss
     and the expert counts are made of, each (B, N, E)."""
 
     def __init__(self, cfg):
         super().__init__()
         D, E = cfg.width, cfg.num_experts
-        self.rule, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
+        self.router, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
         self.pre_router = nn.Linear(D, E, bias=False)           # R_pre
         self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None   # R_sal
         self.experts = Experts(E, D, int(D * cfg.mlp_ratio))
-        if self.rule == "diffmoe":                              # DiffMoE's capacity predictor
+        if self.router == "diffmoe":                              # DiffMoE's capacity predictor
             self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
             self.register_buffer("thresholds", torch.zeros(E))
 
@@ -310,15 +321,15 @@ class MoE(nn.Module):
         gates = S.softmax(-1).view(B * N, self.E)               # (B*N, E)
         flat = x.reshape(B * N, D)
         slots, aux = None, x.new_zeros(())
-        if self.rule == "ec":
+        if self.router == "ec":
             slots = expert_choice_in_image(gates, B, N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
-        elif self.rule == "tc":
+        elif self.router == "tc":
             mask = token_choice(gates, self.k)
         elif self.training:                                     # diffmoe, fixed capacity
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
-            if torch.is_grad_enabled():                         # (a no-grad pre-pass must not move the thresholds)
+            if torch.is_grad_enabled():                         # FOOTGUN: a side effect, see below
                 aux = self.train_capacity_predictor(flat, mask)
         else:                                                   # diffmoe, dynamic capacity
             cap_scores = self.capacity_predictor(flat).sigmoid()
@@ -346,7 +357,10 @@ class MoE(nn.Module):
 
     def train_capacity_predictor(self, flat, mask):
         """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
-        track, by EMA, the C-th highest predictor score of each expert, averaged across ranks."""
+        track, by EMA, the C-th highest predictor score of each expert, averaged across ranks.
+        FOOTGUN: every forward in training mode with grad enabled moves the thresholds (a
+        buffer), as a side effect. No-grad forwards (the stepwise pre-pass, the probe) and eval
+        mode leave them alone, so a pre-pass does not update them twice."""
         cap_logits = self.capacity_predictor(flat.detach())     # (B*N, E)
         with torch.no_grad():
             C = int(mask[:, 0].sum())
@@ -459,7 +473,9 @@ class DiT(nn.Module):
         if self.cfg.sharpmoe:                                   # once, shared by all MoE layers
             if x0_hat is None:
                 raise ValueError("a SharpMoE model routes with x0_hat; pass it (x_t itself at the first step)")
-            x0_hat_emb = self.x_embedder(x0_hat) + self.pos_embed   # (B, N, D)
+            x0_hat_emb = self.x_embedder(x0_hat)                # (B, N, D)
+            if self.cfg.sal_position:
+                x0_hat_emb = x0_hat_emb + self.pos_embed
         aux, routes = 0.0, []
         for block in self.blocks:
             h, a, route = block(h, c, x0_hat_emb)
@@ -486,7 +502,18 @@ def expert_count(routes):
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses: rectified flow, the SharpMoE trajectory, saliency and the routing loss
+# Training: one-step rectified flow (pretraining, the controls)
+
+class Draw(NamedTuple):
+    """Everything random in one training iteration, drawn up front (draw_training)."""
+    ts: torch.Tensor            # (T, B) timesteps, descending; T = 1 for one-step training
+    eps: torch.Tensor           # (B, C, H, W) the noise, shared by all T steps of a trajectory
+    drop: torch.Tensor          # (B,) bool: the CFG label drop, one per image
+
+    def rows(self, idx):
+        """The draws of some images of the batch (a rank's share)."""
+        return Draw(self.ts[:, idx], self.eps[idx], self.drop[idx])
+
 
 def trajectory_timesteps(T, B, generator=None, device="cpu"):
     """(T, B) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
@@ -498,18 +525,13 @@ def trajectory_timesteps(T, B, generator=None, device="cpu"):
     return torch.cat([torch.full((1, B), t1, device=device), rest], 0)
 
 
-def training_noise(cfg, B, T=1, generator=None, device="cpu", logit_normal=False):
-    """Everything random in one training iteration, drawn at once: timesteps ts (T, B) (T = 1:
-    one-step training, uniform or SD3's logit-normal; T > 1: one SharpMoE trajectory), the noise
-    eps (B, C, H, W) that all T steps share, and the CFG label drop (B,), one per trajectory."""
+def draw_training(cfg, B, T=1, generator=None, device="cpu"):
+    """The Draw of one iteration for B images: T = 1, one uniform t per image (pretraining, the
+    controls); T > 1, one SharpMoE trajectory per image."""
     kw = dict(generator=generator, device=device)
-    if T > 1:
-        ts = trajectory_timesteps(T, B, **kw)
-    else:
-        ts = torch.randn(1, B, **kw).sigmoid() if logit_normal else torch.rand(1, B, **kw)
+    ts = trajectory_timesteps(T, B, **kw) if T > 1 else torch.rand(1, B, **kw)
     eps = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, **kw)
-    drop = torch.rand(B, **kw) < cfg.class_dropout
-    return ts, eps, drop
+    return Draw(ts, eps, torch.rand(B, **kw) < cfg.class_dropout)
 
 
 def drop_labels(y, drop, num_classes):
@@ -523,13 +545,34 @@ def interpolate(x0, eps, t):
     return (1 - t) * x0 + t * eps                               # x_t, t = 1 is noise
 
 
-def flow_loss(model, cfg, x0, y, noise):
-    """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2, with noise from
-    training_noise(cfg, B). Returns (loss, aux, routes)."""
-    ts, eps, drop = noise
-    v, aux, routes = model(interpolate(x0, eps, ts[0]), ts[0], drop_labels(y, drop, cfg.num_classes))
-    return F.mse_loss(v.float(), eps - x0), aux, routes
+def flow_loss(model, cfg, x0, y, draw):
+    """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2 for a T = 1 Draw.
+    Returns (loss, aux, routes)."""
+    t = draw.ts[0]
+    v, aux, routes = model(interpolate(x0, draw.eps, t), t, drop_labels(y, draw.drop, cfg.num_classes))
+    return F.mse_loss(v.float(), draw.eps - x0), aux, routes
 
+
+# ----------------------------------------------------------------------------------------------
+# SharpMoE part 2: the recursive trajectory
+
+def unroll(model, xs, ts, y, oracle_x0=None):
+    """Run the model along the states xs[k] (B, C, H, W) at times ts[k] (B,), k = 1..T,
+    descending: step k routes with x0_hat_{k-1} = x_{t_{k-1}} - t_{k-1} v_{k-1}, detached
+    (stop-gradient); step 1, which has no previous estimate, with x_{t_1} itself. oracle_x0:
+    route every step with this true x0 instead (an ablation bound, not SharpMoE). xs may be a
+    generator (training builds each x_t only when it is needed). Yields (v, aux, routes)."""
+    x0_hat = None
+    for xt, t in zip(xs, ts):
+        if x0_hat is None:
+            x0_hat = xt                                         # step 1
+        v, aux, routes = model(xt, t, y, x0_hat=x0_hat if oracle_x0 is None else oracle_x0)
+        yield v, aux, routes
+        x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(xt.dtype)   # x0_hat_k = x_t - t v
+
+
+# ----------------------------------------------------------------------------------------------
+# SharpMoE part 3: saliency -> routed mass -> routing loss -> the trajectory loss
 
 def laplacian_saliency(x0, patch_size):
     """M (SharpMoE part 3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
@@ -541,11 +584,35 @@ def laplacian_saliency(x0, patch_size):
     return F.avg_pool2d(lap, patch_size).flatten(1)             # (B, N)
 
 
-def saliency_target(x0, patch_size, saliency_mean=None):
-    """M of the routing loss; given saliency_mean (N,), the training data's mean saliency per token
-    position, the residual M - saliency_mean (ours: no reward for routing by position alone)."""
-    M = laplacian_saliency(x0, patch_size)
-    return M if saliency_mean is None else M - saliency_mean
+# The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
+# ec, the whole batch's tokens for diffmoe (tc has no per-token count to shape).
+POOL_DIMS = {"ec": (1,), "diffmoe": (0, 1)}
+SOFT_COUNT_WIDTH = 0.1     # tau as a fraction of the spread of an expert's gates in its pool (ours)
+
+
+def routed_mass(routes, router, mass="gate"):
+    """A for one step, (B, N), summed over MoE layers l and experts e, differentiable through the
+    gates. mass="gate", the paper's: A_i = sum 1[token i selected by e] * gates_l(i, e). Under
+    expert choice, raising it moves a token's gates onto the experts that already chose it,
+    away from all others: it can lower the token's count (shown by the tests
+    test_count_mass_gradient_raises_a_count_that_the_gate_mass_gradient_lowers and
+    test_gate_mass_can_never_add_an_expert_and_the_count_mass_often_does).
+    mass="count", ours: a soft count, A_i = sum sigmoid((gates_l(i, e) - theta) / tau), theta
+    the midpoint between the weakest selected and the strongest rejected gate of expert e in its
+    pool, tau a fraction of that expert's gate spread (both detached): raising it raises the
+    token's gate where the token is near an expert's cut, so it gains experts."""
+    if mass == "gate":
+        return sum((mask * gates).sum(-1) for gates, mask in routes)
+    A = 0.0
+    for gates, mask in routes:
+        pool = POOL_DIMS[router]
+        with torch.no_grad():
+            weakest_in = torch.where(mask, gates, torch.inf).amin(pool, keepdim=True)
+            strongest_out = torch.where(mask, -torch.inf, gates).amax(pool, keepdim=True)
+            theta = (weakest_in + strongest_out) / 2            # (B or 1, 1, E): each expert's cut
+            tau = SOFT_COUNT_WIDTH * gates.std(pool, keepdim=True) + 1e-12
+        A = A + torch.sigmoid((gates - theta) / tau).sum(-1)
+    return A
 
 
 def standardize(a):
@@ -561,115 +628,71 @@ def routing_loss(A, M, temp=1.0):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-# The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
-# ec, the whole batch's tokens for diffmoe (tc has no per-token count to shape).
-POOL_DIMS = {"ec": (1,), "diffmoe": (0, 1)}
-SOFT_COUNT_WIDTH = 0.1     # tau as a fraction of the spread of an expert's gates in its pool (ours)
+@dataclass
+class SharpMoELoss:
+    """How a SharpMoE iteration forms its loss. The defaults are the paper's; the rest is ours."""
+    lam: float = 0.001          # lambda, the weight of L_routing (paper: 0.001)
+    temp: float = 1.0           # softmax temperature after standardizing A and M (ours)
+    mass: str = "gate"          # A: "gate", the paper's gate mass; "count", our soft count
+    scope: str = "trajectory"   # one KL on A summed over the "trajectory" (paper), or one per "step" (ours)
+    saliency_mean: Optional[torch.Tensor] = None   # (N,): M minus this, the data's mean per position (ours)
+    oracle: bool = False        # R_sal routes with the true x0, not x0_hat (an ablation bound)
 
 
-def routed_mass(routes, rule, mass="gate"):
-    """A for one step, (B, N), summed over MoE layers l and experts e, differentiable through the
-    gates. mass="gate", the paper's: A_i = sum 1[token i selected by e] * gates_l(i, e). Under
-    expert choice, raising it moves a token's gates onto the experts that already chose it,
-    away from all others: it can lower the token's count (README, "Mass is not count").
-    mass="count", ours: a soft count, A_i = sum sigmoid((gates_l(i, e) - theta) / tau), theta
-    the midpoint between the weakest selected and the strongest rejected gate of expert e in its
-    pool, tau a fraction of that expert's gate spread (both detached): raising it raises the
-    token's gate where the token is near an expert's cut, so it gains experts."""
-    if mass == "gate":
-        return sum((mask * gates).sum(-1) for gates, mask in routes)
-    A = 0.0
-    for gates, mask in routes:
-        pool = POOL_DIMS[rule]
-        with torch.no_grad():
-            weakest_in = torch.where(mask, gates, torch.inf).amin(pool, keepdim=True)
-            strongest_out = torch.where(mask, -torch.inf, gates).amax(pool, keepdim=True)
-            theta = (weakest_in + strongest_out) / 2            # (B or 1, 1, E): each expert's cut
-            tau = SOFT_COUNT_WIDTH * gates.std(pool, keepdim=True) + 1e-12
-        A = A + torch.sigmoid((gates - theta) / tau).sum(-1)
-    return A
+def trajectory_terms(model, cfg, x0, y, draw, opts):
+    """Parts 2 and 3, one step at a time: unrolls the trajectory of `draw` (T > 1) and yields,
+    per step, the flow-matching loss fm_k, the auxiliary loss aux_k, the routed mass A_k (B, N)
+    (None for tc, whose counts are all equal) and the expert count (B, N), detached."""
+    y = drop_labels(y, draw.drop, cfg.num_classes)
+    xs = (interpolate(x0, draw.eps, t) for t in draw.ts)
+    for v, aux, routes in unroll(model, xs, draw.ts, y, x0 if opts.oracle else None):
+        A = routed_mass(routes, cfg.router, opts.mass).float() if cfg.router != "tc" else None
+        yield F.mse_loss(v.float(), draw.eps - x0), aux, A, expert_count(routes).detach()
 
 
-def unroll(model, x0, y, ts, eps, oracle=False):
-    """Run the model along one noised trajectory (SharpMoE part 2): every x_t from the same x0
-    and eps; step k routes with x0_hat from step k-1 (detached), step 1 with x_{t_1} itself.
-    `oracle` routes with the true x0 instead (an ablation bound). Yields (t, x_t, v, aux, routes)."""
-    x0_hat = interpolate(x0, eps, ts[0])                        # step 1: no previous estimate
-    for t in ts:                                                # ts: (T, B), descending
-        xt = interpolate(x0, eps, t)
-        if oracle:
-            x0_hat = x0
-        v, aux, routes = model(xt, t, y, x0_hat=x0_hat)
-        yield t, xt, v, aux, routes
-        x0_hat = (xt - t.view(-1, 1, 1, 1) * v).detach().to(x0.dtype)   # x0_hat_k = x_t - t v
+def routing_target(x0, cfg, opts):
+    """M of the loss, (B, N): the Laplacian saliency, less opts.saliency_mean when given."""
+    M = laplacian_saliency(x0, cfg.patch_size)
+    return M if opts.saliency_mean is None else M - opts.saliency_mean
 
 
-def trajectory_loss(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", target="trajectory",
-                    saliency_mean=None, oracle=False):
-    """SharpMoE post-training (parts 2 and 3): L_fm, the mean flow-matching loss over the T steps
-    of one trajectory, + lam * L_routing. noise: training_noise(cfg, B, T). L_routing compares
-    the routed mass A (routed_mass: `mass` "gate" is the paper's, "count" ours) with the saliency
-    M: target "trajectory" (the paper) takes one KL on A summed over the steps, "step" (ours) the
-    mean of one KL per step, so that late steps cannot pay for early ones; saliency_mean: see
-    saliency_target. tc is trained with L_fm only (its counts are all equal). Returns (loss, aux,
-    stats)."""
-    ts, eps, drop = noise
-    T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
-    routed = cfg.router != "tc"                                  # tc: every token gets k experts
-    fm, aux, As, counts = 0.0, 0.0, [], []
-    for t, xt, v, a, routes in unroll(model, x0, y, ts, eps, oracle):
-        fm, aux = fm + F.mse_loss(v.float(), eps - x0) / T, aux + a / T
-        As += [routed_mass(routes, cfg.router, mass).float()] if routed else []   # (B, N) per step
-        counts.append(expert_count(routes).detach())
-    M = saliency_target(x0, cfg.patch_size, saliency_mean)
-    if not routed:
-        L_routing = fm * 0
-    elif target == "trajectory":
-        L_routing = routing_loss(sum(As), M, temp)
+def trajectory_loss(model, cfg, x0, y, draw, opts):
+    """SharpMoE post-training: L = L_fm + lambda L_routing, L_fm the mean flow-matching loss over
+    the T steps of one trajectory per image (draw: T > 1), L_routing the KL between the routed
+    mass and the saliency, on A summed over the trajectory (the paper) or per step, averaged.
+    tc is trained with L_fm only. Returns (loss, aux, stats: fm, routing, counts (T, B, N))."""
+    T = draw.ts.shape[0]
+    fm, aux, As, counts = zip(*trajectory_terms(model, cfg, x0, y, draw, opts))
+    L_fm = sum(f / T for f in fm)
+    M = routing_target(x0, cfg, opts)
+    if As[0] is None:
+        L_routing = L_fm * 0
+    elif opts.scope == "trajectory":
+        L_routing = routing_loss(sum(As), M, opts.temp)
     else:
-        L_routing = sum(routing_loss(A, M, temp) for A in As) / T
-    stats = dict(fm=fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts))
-    return fm + lam * L_routing, aux, stats
+        L_routing = sum(routing_loss(A, M, opts.temp) for A in As) / T
+    stats = dict(fm=L_fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts))
+    return L_fm + opts.lam * L_routing, sum(a / T for a in aux), stats
 
 
-def trajectory_backward_stepwise(model, cfg, x0, y, noise, lam=0.001, temp=1.0, mass="gate", target="trajectory",
-                                 saliency_mean=None, oracle=False, forward_context=nullcontext, no_sync=nullcontext):
-    """Back-propagates exactly what trajectory_loss(...) + aux would, holding one step's graph
-    at a time instead of T. x0_hat is detached between steps, so the steps are coupled only
-    through A summed over the trajectory: (1) a no-grad unroll gives that sum and, on a detached
-    leaf, g = dL_routing / dA; (2) each step runs again with grad and back-propagates its own
-    fm_k / T + aux_k / T + lam * <g, A_k> before the next. With target "step" each step's loss is
-    complete on its own and (1) is skipped. forward_context wraps each forward (autocast);
-    no_sync (DDP's) wraps all but the last step, so gradients are all-reduced once. Returns the
-    stats of trajectory_loss, and `aux`, the auxiliary loss it back-propagated."""
-    ts, eps, drop = noise
-    T, y = ts.shape[0], drop_labels(y, drop, cfg.num_classes)
-    routed = cfg.router != "tc"
-    M = saliency_target(x0, cfg.patch_size, saliency_mean)
-    coupled = routed and target == "trajectory"
-    if coupled:                                                 # (1)
-        with torch.no_grad(), forward_context():
-            A = sum(routed_mass(r, cfg.router, mass).float() for *_, r in unroll(model, x0, y, ts, eps, oracle))
-        A.requires_grad_(True)
-        L_routing = routing_loss(A, M, temp)
-        g, = torch.autograd.grad(L_routing, A)                  # (B, N)
-    fm_sum, aux_sum, step_losses, counts, steps = 0.0, 0.0, 0.0, [], unroll(model, x0, y, ts, eps, oracle)
-    for k in range(T):                                          # (2)
-        with no_sync() if k < T - 1 else nullcontext():
-            with forward_context():
-                t, xt, v, aux, routes = next(steps)
-                fm = F.mse_loss(v.float(), eps - x0) / T
-                loss = fm + aux / T
-                if coupled:
-                    loss = loss + lam * (g * routed_mass(routes, cfg.router, mass).float()).sum()
-                elif routed:
-                    L_k = routing_loss(routed_mass(routes, cfg.router, mass).float(), M, temp) / T
-                    loss, step_losses = loss + lam * L_k, step_losses + L_k.detach()
-            loss.backward()
-        fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux).detach() / T
-        counts.append(expert_count(routes).detach())
-    routing = L_routing.detach() if coupled else (step_losses if routed else fm_sum * 0)
-    return dict(fm=fm_sum, aux=aux_sum, routing=routing, counts=torch.stack(counts))
+def forward_backward(model, cfg, x0, y, draw, opts=None, stepwise=True, autocast=nullcontext, no_sync=nullcontext):
+    """One training iteration's forward and backward (gradients accumulate in the parameters).
+    opts None: one-step rectified flow (pretraining, the controls); else SharpMoE, back-propagated
+    all at once or, stepwise, one step's graph at a time (the same gradient; see the last
+    section). autocast wraps each forward; no_sync (DDP's) the backwards that must not all-reduce.
+    Returns detached stats: fm, aux, routing (scalars; the loss is fm + lam * routing + aux) and
+    counts (T, B, N), each token's expert count per step (None for a dense model)."""
+    if opts is not None and stepwise:
+        return trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast, no_sync)
+    with autocast():
+        if opts is None:
+            loss, aux, routes = flow_loss(model, cfg, x0, y, draw)
+            stats = dict(fm=loss.detach(), routing=torch.zeros((), device=x0.device),
+                         counts=expert_count(routes)[None] if routes else None)
+        else:
+            loss, aux, stats = trajectory_loss(model, cfg, x0, y, draw, opts)
+    (loss + aux).backward()
+    return dict(stats, aux=torch.as_tensor(aux, device=x0.device).detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,7 +730,7 @@ def euler_steps(model, noise, y, steps=250, cfg_scale=1.5):
 
 def sample(model, noise, y, steps=250, cfg_scale=1.5):
     """x at t = 0 (B, C, H, W) from noise (B, C, H, W) and labels (B,): images in about [-1, 1]
-    (not clamped: sample.py's to_uint8 clamps) or, for a latent model, VAE latents to decode."""
+    (not clamped: common.to_uint8 clamps) or, for a latent model, VAE latents to decode."""
     x = noise
     for _, x, _ in euler_steps(model, noise, y, steps, cfg_scale):
         pass                                                    # keep the x of the last step
@@ -715,7 +738,16 @@ def sample(model, noise, y, steps=250, cfg_scale=1.5):
 
 
 # ----------------------------------------------------------------------------------------------
-# Measuring routing: expert count against saliency
+# Measuring routing: expert count against saliency, per denoising step
+#
+# The paper's key figure. Three views of it, because they answer different questions:
+#   routing_probe    real held-out images noised along one trajectory, x0_hat chained: no
+#                    feedback, but at early steps x_t says little about the image
+#   rollout_routing  along the sampler's own rollout, against the saliency of the generated
+#                    image (the paper's "along the generation rollout"); counts can cause saliency
+#   routing_along    given states (say, a dense model's rollout) routed by any model, x0_hat
+#                    chained from its own velocity: generation without the feedback
+# count_saliency turns any of them into the per-step correlations.
 
 def ranks(x):
     """Ranks along the last dim of (B, N), from 1; ties get their average rank."""
@@ -745,29 +777,114 @@ def position_controlled_correlation(count, M):
     return (c * r).sum() / (c.norm() * r.norm() + 1e-12)
 
 
+def count_saliency(counts, M):
+    """Per step, from counts (K, B, N) and the saliency M (B, N) of the images they are measured
+    against: `corr`, the mean per-image rank correlation (the paper's measure), and `corr_pos`,
+    position_controlled_correlation (a router that learned only "the centre is salient" gets 0)."""
+    return dict(corr=torch.stack([rank_correlation(c, M).mean() for c in counts]),
+                corr_pos=torch.stack([position_controlled_correlation(c, M) for c in counts]))
+
+
+def saliency_quintiles(count, M):
+    """(5,): the mean expert count (B, N) of the tokens in each saliency quintile of their own
+    image, Q1 the least salient."""
+    quintile = M.argsort(1).argsort(1) * 5 // M.shape[1]       # (B, N) in 0..4
+    return torch.stack([count.float()[quintile == q].mean() for q in range(5)])
+
+
 # The probe's timesteps: from t_1 = 0.999, as training and sampling chain x0_hat, at most 0.15 apart.
 PROBE_T = (0.999, 0.95, 0.875, 0.8, 0.65, 0.5, 0.35, 0.2, 0.125, 0.05)
+SHOW_T = (0.999, 0.95, 0.8, 0.5, 0.2, 0.05)                    # the steps that logs and tables show
+EARLY = 0.8                                                     # "early steps": t >= 0.8
 
 
 @torch.no_grad()
 def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
-    """The paper's key measurement, per denoising step, on fixed images x0 (held out from
-    training), labels y and noise eps: one noised trajectory per image with x0_hat chained from
-    t = 0.999 as in training and sampling. Returns (T,) tensors: `corr`, the mean rank
-    correlation between each token's expert count (summed over MoE layers) and its Laplacian
-    saliency; `corr_pos`, position_controlled_correlation (a router that learned only "the
-    centre is salient" scores 0 there); `loss`, the flow-matching loss at the same t and noise;
-    and `counts` (T, B, N). `oracle`: route with the true x0 (for a model trained with it)."""
+    """View 1, on fixed images x0 (held out from training), labels y and noise eps: one noised
+    trajectory per image, x_t = interpolate(x0, eps, t), with x0_hat chained from t = 0.999 as
+    in training and sampling. Returns (K,) tensors corr and corr_pos (count_saliency), loss (the
+    flow-matching loss at the same t and noise), and counts (K, B, N). oracle: route with the
+    true x0 (for a model trained that way)."""
     mode = model.training
     model.eval()
-    M = laplacian_saliency(x0, model.cfg.patch_size)            # (B, N)
     ts = torch.tensor(ts, device=x0.device)[:, None].expand(-1, x0.shape[0])
-    out = dict(corr=[], corr_pos=[], loss=[], counts=[])
-    for t, xt, v, _, routes in unroll(model, x0, y, ts, eps, oracle):
-        count = expert_count(routes)
-        out["corr"].append(rank_correlation(count, M).mean())
-        out["corr_pos"].append(position_controlled_correlation(count, M))
-        out["loss"].append(F.mse_loss(v.float(), eps - x0))
-        out["counts"].append(count)
+    xs = [interpolate(x0, eps, t) for t in ts]
+    counts, loss = [], []
+    for v, _, routes in unroll(model, xs, ts, y, x0 if oracle else None):
+        counts.append(expert_count(routes))
+        loss.append(F.mse_loss(v.float(), eps - x0))
     model.train(mode)
-    return {k: torch.stack(v) for k, v in out.items()}
+    counts = torch.stack(counts)
+    return dict(count_saliency(counts, laplacian_saliency(x0, model.cfg.patch_size)),
+                loss=torch.stack(loss), counts=counts)
+
+
+@torch.no_grad()
+def rollout_routing(model, noise, y, steps, cfg_scale=1.0):
+    """View 2: generate with euler_steps, recording each token's expert count at every step
+    (conditional half, summed over MoE layers). Returns the generated x (B, C, H, W), ts (K,),
+    counts (K, B, N) (None for a dense model) and states (K, B, C, H, W), the x each step
+    started from. Call model.eval() first."""
+    x, ts, counts, states = noise, [], [], []
+    for t, x_next, routes in euler_steps(model, noise, y, steps, cfg_scale):
+        ts.append(t[0])
+        states.append(x)
+        counts += [expert_count(routes)] if routes else []
+        x = x_next
+    return x, torch.stack(ts), torch.stack(counts) if counts else None, torch.stack(states)
+
+
+@torch.no_grad()
+def routing_along(model, states, ts, y, oracle_x0=None):
+    """View 3: the expert counts (K, B, N) of `model` routing the given states (K, B, C, H, W) at
+    times ts (K,), x0_hat chained from its own velocity (unroll); conditional labels y (B,).
+    oracle_x0: route with these final images instead (for a model trained with the true x0)."""
+    mode = model.training
+    model.eval()
+    tb = ts[:, None].expand(-1, states.shape[1])
+    counts = torch.stack([expert_count(routes) for _, _, routes in unroll(model, states, tb, y, oracle_x0)])
+    model.train(mode)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# The same gradient, one step's graph at a time (ours)
+#
+# x0_hat is detached between steps, so the T steps of a trajectory are coupled only through A
+# summed over them (scope "trajectory"): dL_routing / dtheta = sum_k <g, dA_k / dtheta> with
+# g = dL_routing / dA. So (1) a no-grad unroll gives sum_k A_k and, on a detached leaf, g; (2)
+# each step runs again with grad and back-propagates its own fm_k / T + aux_k / T + lambda
+# <g, A_k> before the next. Memory: one step's graph instead of T; time: one more forward per
+# step. With scope "step" each step's loss is complete on its own and (1) is skipped.
+
+def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcontext, no_sync=nullcontext):
+    """Back-propagates exactly what trajectory_loss(...) + aux would (tested to 1e-5), holding one
+    step's graph at a time. autocast wraps each forward; no_sync (DDP's) all but the last
+    step's backward, so gradients are all-reduced once. Returns forward_backward's stats."""
+    T = draw.ts.shape[0]
+    M = routing_target(x0, cfg, opts)
+    coupled = cfg.router != "tc" and opts.scope == "trajectory"
+    if coupled:                                                 # (1)
+        with torch.no_grad(), autocast():
+            A = sum(A_k for _, _, A_k, _ in trajectory_terms(model, cfg, x0, y, draw, opts))
+        A.requires_grad_(True)
+        L_routing = routing_loss(A, M, opts.temp)
+        g, = torch.autograd.grad(L_routing, A)                  # (B, N)
+    fm_sum, aux_sum, step_losses, counts = 0.0, 0.0, 0.0, []
+    steps = trajectory_terms(model, cfg, x0, y, draw, opts)
+    for k in range(T):                                          # (2)
+        with no_sync() if k < T - 1 else nullcontext():
+            with autocast():
+                fm, aux, A_k, count = next(steps)
+                fm = fm / T
+                loss = fm + aux / T
+                if coupled:
+                    loss = loss + opts.lam * (g * A_k).sum()
+                elif A_k is not None:
+                    L_k = routing_loss(A_k, M, opts.temp) / T
+                    loss, step_losses = loss + opts.lam * L_k, step_losses + L_k.detach()
+            loss.backward()
+        fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux).detach() / T
+        counts.append(count)
+    routing = L_routing.detach() if coupled else (step_losses if A_k is not None else fm_sum * 0)
+    return dict(fm=fm_sum, aux=aux_sum, routing=routing, counts=torch.stack(counts))

@@ -1,0 +1,181 @@
+"""
+The plumbing the scripts share: one-line errors and the CLI runner, distributed setup, the
+training recipes, seeds, the checkpoint format (all of it in save_checkpoint), and uint8 / .npz
+helpers. Nothing about
+the method is here (that is sharpmoe.py) and nothing about data (data.py).
+"""
+import argparse
+import os
+import re
+import sys
+import zipfile
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import sharpmoe as sm
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, without a traceback, by run_cli. `rank_local`: only the
+    rank that met it knows (a bad image), so that rank prints it."""
+    rank_local = False
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's lines and shows each flag's default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+def last_line(e):
+    """A DataLoader worker re-raises our error with its traceback inside the message."""
+    return re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
+
+
+def run_cli(main, parse_args):
+    """Run a script's main; bad input ends it with one line. Under torchrun every rank meets a
+    bad flag, so rank 0 prints it; a bad image only one rank meets, so that rank prints it."""
+    try:
+        main(parse_args())
+    except UserError as e:
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or e.rank_local:
+            print(f"error{f' (rank {rank})' if rank else ''}: {last_line(e)}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+def setup_distributed():
+    """(rank, world, device). torchrun sets RANK; without it this is one process on a GPU or
+    the CPU. nccl on GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+# Training recipes (train.py --recipe, which compare.py passes on). A pair is (pretraining,
+# post-training from --init); a flag given on the command line wins. "paper": the paper's recipe.
+# "cpu", ours: a 2.6M-parameter model that pretrains in about 10 minutes on 2 cores; EMA 0.98 after
+# --init because a 0.999 average would barely move in 150 steps.
+RECIPES = {
+    "paper": dict(preset="L", global_batch_size=256, lr=1e-4, grad_clip=0.0, ema=0.9999, trajectory_steps=10,
+                  steps=(500_000, 100_000), log_every=100, ckpt_every=5000),
+    "cpu": dict(preset="cpu", global_batch_size=32, lr=3e-4, grad_clip=1.0, ema=(0.999, 0.98), trajectory_steps=4,
+                steps=(3000, 150), log_every=(250, 50), ckpt_every=250),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds
+
+SEED_STRIDE = 1_000_003    # a prime: seed * SEED_STRIDE + i never collides for i < SEED_STRIDE
+
+
+def generator(seed, i, device="cpu"):
+    """The generator of item i (a training step, a sample) of a run with this seed: the same
+    draws whatever the batch, the number of ranks, or where a run was resumed."""
+    return torch.Generator(device).manual_seed(seed * SEED_STRIDE + i)
+
+
+def noise_and_labels(indices, cfg, seed):
+    """Sampling inputs: sample i gets its noise (C, H, W) and label from generator(seed, i),
+    whatever the batch or rank. Returns noise (B, C, H, W) and labels (B,)."""
+    noise, labels = [], []
+    for i in indices:
+        g = generator(seed, i)
+        noise.append(torch.randn(cfg.in_channels, cfg.image_size, cfg.image_size, generator=g))
+        labels.append(int(torch.randint(cfg.num_classes, (1,), generator=g)))
+    return torch.stack(noise), torch.tensor(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path, model, ema, opt, step, args, classes, latent=None, saliency_mean=None):
+    """The whole checkpoint format, written atomically (a crash mid-write leaves the previous
+    file intact). Only tensors and plain values, so it loads with weights_only=True:
+      model, ema, opt   state dicts (the unwrapped model, its EMA, AdamW)
+      step              optimizer steps taken
+      config            asdict(sm.Config): sample.py and compare.py rebuild the model from it
+      args              train.py's flags, plus `classes` (the data's class names) and `latent`
+                        (a latent folder's meta.json, None in pixel mode)
+      saliency_mean     (N,) or None: the residual routing target's per-position baseline"""
+    ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                config=asdict(model.cfg), args=dict(vars(args), classes=list(classes), latent=latent),
+                saliency_mean=saliency_mean)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of train.py, loaded with weights_only=True (a checkpoint must not run code)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                     # truncated, random bytes, a pickle with code
+        raise UserError(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:80]}); it may be truncated or another kind of file")
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a train.py checkpoint (it has no model weights and config)")
+    return ckpt
+
+
+def checkpoint_config(ckpt, path):
+    """The model config stored with the weights (a clear error for another version's checkpoint)."""
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(sm.Config)})
+    if unknown:
+        raise UserError(f"{path} was written by another version of sharpmoe (config fields unknown here: "
+                        f"{', '.join(unknown)}); retrain, or use the version that wrote it")
+    return sm.Config(**ckpt["config"])
+
+
+def load_weights(model, state, path):
+    """load_state_dict, with the mismatching names in one line instead of a traceback."""
+    mine = model.state_dict()
+    bad = sorted(set(mine) ^ set(state)) + [k for k in mine if k in state and mine[k].shape != state[k].shape]
+    if bad:
+        raise UserError(f"{path} does not fit this model (first mismatching weights: {', '.join(bad[:3])}); "
+                        "it was written by another config or another version of sharpmoe")
+    model.load_state_dict(state)
+
+
+def load_model(path, weights="ema", device="cpu"):
+    """(model in eval mode, the train.py arguments that made it) from a checkpoint."""
+    ckpt = load_checkpoint(path)
+    if weights not in ckpt:
+        raise UserError(f"checkpoint {path} has no {weights!r} weights")
+    model = sm.DiT(checkpoint_config(ckpt, path))
+    load_weights(model, ckpt[weights], path)
+    return model.to(device).eval(), ckpt.get("args", {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and .npz files
+
+def to_uint8(x):
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as DiT's sample_ddp does."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_npz(path, **arrays):
+    """np.savez with fixed zip timestamps, so that the same arrays give the same bytes; atomic."""
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(a))
+    os.replace(tmp, path)

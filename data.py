@@ -1,0 +1,307 @@
+"""
+The data: built-in images drawn from their index (nothing to download), ImageNet-style image
+folders, latent folders written by latents.py (and the VAE that makes and decodes them), the
+held-out split, the routing probe's fixed batch, and the training data's mean saliency per token
+position. Every script reads data through this file.
+"""
+import json
+import os
+from copy import copy
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+import sharpmoe as sm
+from common import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
+HELD_OUT = 10 ** 9      # built-in images from this index on are never trained on (probe, reports)
+PROBE_IMAGES = 256      # held-out images of the routing probe that train.py logs
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in data
+
+class Builtin(Dataset):
+    """Built-in data, drawn deterministically from the image index (nothing to download):
+    images start .. start + n - 1, 10 classes, pixels in [-1, 1]."""
+    classes = ()
+
+    def __init__(self, size=32, n=10_000, start=0):
+        self.size, self.n, self.start = size, n, start
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        i += self.start
+        rng = np.random.default_rng([self.key, i])
+        u = (np.arange(self.size) + 0.5) / self.size * 2 - 1       # pixel centres in [-1, 1]
+        img = self.draw(i % 10, rng, *np.meshgrid(u, u))           # (H, W, 3)
+        return torch.from_numpy(img).permute(2, 0, 1).float(), i % 10
+
+
+class Strokes(Builtin):
+    """Closer to real images: a thin-stroke glyph (the class) placed anywhere near the centre at
+    any angle, and a small textured patch anywhere, on a smooth, low-contrast background (a
+    colour, a gentle gradient, a broad blob). Most tokens are smooth; the salient ones are few,
+    thin and not where a positional prior would put them."""
+    key = 1
+    classes = ("line", "two-lines", "cross", "ring", "arc", "zigzag", "triangle", "tee", "spiral", "wave")
+
+    @staticmethod
+    def glyph(y):
+        """Class y's strokes as line segments (S, 2, 2) in a unit box."""
+        t = np.linspace(0, 1, 17)
+        line = lambda xs, ys: np.stack([np.stack([xs[:-1], ys[:-1]], -1), np.stack([xs[1:], ys[1:]], -1)], 1)
+        a = lambda *v: np.array(v, dtype=float)
+        arc = lambda a0, a1: line(np.cos(a0 + (a1 - a0) * t), np.sin(a0 + (a1 - a0) * t))
+        return [line(a(-1, 1), a(0, 0)),
+                np.concatenate([line(a(-1, 1), a(-.4, -.4)), line(a(-1, 1), a(.4, .4))]),
+                np.concatenate([line(a(-1, 1), a(-1, 1)), line(a(-1, 1), a(1, -1))]),
+                arc(0, 2 * np.pi), arc(0.6, 2 * np.pi - 0.6),
+                line(np.linspace(-1, 1, 6), a(-.5, .5, -.5, .5, -.5, .5)),
+                line(a(-1, 1, 0, -1), a(-.8, -.8, .9, -.8)),
+                np.concatenate([line(a(-1, 1), a(-.9, -.9)), line(a(0, 0), a(-.9, 1))]),
+                line(np.cos(4 * np.pi * t) * (.2 + .8 * t), np.sin(4 * np.pi * t) * (.2 + .8 * t)),
+                line(2 * t - 1, 0.5 * np.sin(3 * np.pi * t))][y]
+
+    def draw(self, y, rng, X, Y):
+        bg = rng.uniform(-0.6, 0.6, 3)
+        g = rng.normal(size=2)
+        g *= rng.uniform(0.05, 0.2) / np.linalg.norm(g)            # a gentle linear gradient
+        bx, by = rng.uniform(-1, 1, 2)
+        blob = np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / rng.uniform(0.3, 0.8))
+        img = bg + (g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3)
+        a = rng.uniform(0, 2 * np.pi)                              # the glyph: rotated, scaled, placed
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        seg = self.glyph(y) @ rot.T * rng.uniform(0.25, 0.5) + rng.uniform(-0.35, 0.35, 2)
+        P, p0, d = np.stack([X, Y], -1)[None], seg[:, None, None, 0], (seg[:, 1] - seg[:, 0])[:, None, None]
+        s = np.clip(((P - p0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0, 1)   # (S, H, W)
+        dist = np.linalg.norm(P - p0 - s[..., None] * d, axis=-1).min(0) * self.size / 2   # in pixels
+        ink = np.clip(1.5 - dist, 0, 1)[..., None]                 # about 2 px wide, antialiased
+        color = bg + rng.choice([-1, 1]) * rng.uniform(0.4, 0.8) + rng.uniform(-0.2, 0.2, 3)
+        img = img * (1 - ink) + color * ink
+        w = rng.integers(4, 8)                                     # a small textured patch
+        px, py = rng.integers(0, self.size - w, 2)
+        tex = (np.add.outer(np.arange(w), np.arange(w)) % 2) if rng.random() < 0.5 else rng.random((w, w))
+        img[py:py + w, px:px + w] += (tex[..., None] - 0.5) * rng.uniform(0.3, 0.6)
+        return np.clip(img, -1, 1)
+
+
+class Shapes(Builtin):
+    """One flat-colored shape on a flat background, near the centre: sharp edges and flat
+    regions. Easy: a router that sends experts to the centre already follows its saliency."""
+    key = 0
+    classes = ("disk", "square", "triangle", "ring", "h-stripes", "v-stripes", "checker",
+               "cross", "diamond", "two-disks")
+
+    def draw(self, y, rng, X, Y):
+        r, cx, cy = rng.uniform(0.35, 0.65), *rng.uniform(-0.3, 0.3, 2)
+        dx, dy, f = X - cx, Y - cy, rng.uniform(0.25, 0.5)         # (H, W) offsets from center
+        box = (abs(dx) < r) & (abs(dy) < r)
+        band = lambda a: np.floor((a + r) / (f * r)) % 2 == 0      # stripes of width f * r
+        inside = [dx ** 2 + dy ** 2 < r ** 2, box, (dy < r) & (abs(dx) < (dy + r) / 2),
+                  (dx ** 2 + dy ** 2 < r ** 2) & (dx ** 2 + dy ** 2 > (f * r) ** 2),
+                  box & band(dy), box & band(dx), box & (band(dx) ^ band(dy)),
+                  ((abs(dx) < f * r) | (abs(dy) < f * r)) & box, abs(dx) + abs(dy) < r,
+                  ((dx - r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2) | ((dx + r / 2) ** 2 + dy ** 2 < (r / 2.5) ** 2)][y]
+        bg = rng.uniform(0, 1, 3)
+        fg = (bg + rng.uniform(0.35, 0.65, 3)) % 1.0               # always a visible contrast
+        return np.where(inside[..., None], fg, bg) * 2 - 1
+
+
+BUILTIN = {"strokes": Strokes, "shapes": Shapes}
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+def center_crop(img, size):
+    """ADM / DiT preprocessing: halve with BOX while the short side is >= 2x the target, resize
+    the short side to `size` with BICUBIC, then crop the center."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class Held(Dataset):
+    """A dataset of items self.index; split_off holds some of them out."""
+
+    def split_off(self, n):
+        """Hold out n items (every k-th, so all classes): removed from this set, returned as
+        another."""
+        held, k = copy(self), max(len(self.index) // n, 2)
+        held.index = self.index[::k][:n]
+        self.index = np.array([j for i, j in enumerate(self.index) if i % k or i // k >= n], dtype=np.int64)
+        return held
+
+    def __len__(self):
+        return len(self.index)
+
+
+class ImageFolder(Held):
+    """An ImageNet-style folder: DIR/CLASS/IMAGE, classes in sorted order. Items: (x, label),
+    x (3, size, size) in [-1, 1], center-cropped."""
+
+    def __init__(self, root, size):
+        if not os.path.isdir(root):
+            raise UserError(f"data folder {root} does not exist; pass --data DIR with one "
+                            "subfolder per class, or leave --data out for the built-in data")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c)))
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.files:
+            raise UserError(f"data folder {root} has no images in class subfolders; expected "
+                            f"{root}/CLASS/IMAGE.jpg")
+        self.size, self.index = size, np.arange(len(self.files))
+
+    def __getitem__(self, i):
+        path, y = self.files[self.index[i]]
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+        arr = np.asarray(center_crop(img, self.size), dtype=np.float32) / 127.5 - 1
+        return torch.from_numpy(arr).permute(2, 0, 1), y
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent folders (latent mode) and the VAE
+
+class LatentFolder(Held):
+    """A latent folder written by latents.py. Items: (latents, label) with latents (2, C, s, s)
+    float32, the image's and its mirror's (pairs=True, for training), or the image's (C, s, s)."""
+
+    def __init__(self, root, pairs=True):
+        meta_path = os.path.join(root, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"latent folder {root} has no meta.json: its extraction did not finish; "
+                            f"rerun latents.py into it to complete it")
+        with open(meta_path) as f:
+            self.meta = m = json.load(f)
+        try:
+            self.latents = np.load(os.path.join(root, "latents.npy"), mmap_mode="r")
+            self.labels = np.load(os.path.join(root, "labels.npy"), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"latent folder {root}: cannot read latents.npy / labels.npy ({type(e).__name__}); "
+                            "rerun latents.py into a new folder")
+        shape = (m["count"], 2, m["channels"], m["latent_size"], m["latent_size"])
+        if self.latents.shape != shape or self.labels.shape != (m["count"],) or \
+                (m["count"] and int(self.labels.max()) >= len(m["classes"])):
+            raise UserError(f"latent folder {root}: the arrays disagree with meta.json (latents {self.latents.shape}, "
+                            f"labels {self.labels.shape}, {len(m['classes'])} classes; meta says {shape}); "
+                            "rerun latents.py into a new folder")
+        self.classes, self.pairs, self.index = m["classes"], pairs, np.arange(m["count"])
+
+    def __getitem__(self, i):
+        j = self.index[i]
+        x = torch.from_numpy(self.latents[j].astype(np.float32))   # (2, C, s, s)
+        return (x if self.pairs else x[0]), int(self.labels[j])
+
+    def split_off(self, n):
+        held = super().split_off(n)
+        held.pairs = False                                      # held-out latents: the image's only
+        return held
+
+
+def is_latent_folder(path):
+    return path is not None and any(os.path.exists(os.path.join(path, f)) for f in ("meta.json", "latents.npy"))
+
+
+VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def load_vae(name, device="cpu"):
+    """diffusers' AutoencoderKL from a local folder or a Hugging Face id (cache first)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError("latent mode needs diffusers: pip install diffusers (or pip install -r requirements-test.txt)")
+    name = VAES.get(name, name)
+    try:
+        load = lambda **kw: AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False, **kw)   # (no accelerate)
+        if os.path.isdir(name):
+            vae = load()
+        else:
+            try:
+                vae = load(local_files_only=True)
+            except Exception:                                   # not cached: try the network
+                vae = load()
+    except Exception as e:
+        raise UserError(f"cannot load the VAE {name!r} ({type(e).__name__}): it is not a local folder, not in the "
+                        f"Hugging Face cache, and could not be downloaded; download it where there is a network "
+                        f"(huggingface-cli download {name}) and pass --vae /path/to/it")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """(B, 3, H, W) in [-1, 1] -> latents (B, 4, H / f, W / f): the posterior mean times the VAE's
+    scaling factor (deterministic, as DiT's feature extraction)."""
+    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """Latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1] (not clamped)."""
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and held-out sets, the probe batch, the per-position saliency
+
+def make_datasets(data=None, val_data=None, builtin="strokes", builtin_size=10_000, image_size=32, **_):
+    """(training set, held-out set). `data` an image folder or a latent folder (latents.py); the
+    held-out set is `val_data`, or a tenth of `data` (at most PROBE_IMAGES items) split off.
+    Without `data`, the built-in set `builtin` and 1024 of its held-out images. Takes train.py's
+    flags by name (a checkpoint's stored args too; other keys are ignored)."""
+    if not data:
+        make = BUILTIN[builtin]
+        return make(image_size, builtin_size), make(image_size, 1024, start=HELD_OUT)
+    latent = is_latent_folder(data)
+    train_set = LatentFolder(data) if latent else ImageFolder(data, image_size)
+    if val_data:
+        held_out = LatentFolder(val_data, pairs=False) if latent else ImageFolder(val_data, image_size)
+    else:
+        held_out = train_set.split_off(max(1, min(PROBE_IMAGES, len(train_set) // 10)))
+    if held_out.classes != train_set.classes:
+        raise UserError(f"--val-data {val_data} has other classes than --data {data}; "
+                        "give it the same class subfolders")
+    return train_set, held_out
+
+
+def data_shape(data, image_size):
+    """(channels, size) of what the model denoises: RGB pixels at image_size, or a latent
+    folder's latents (its meta.json decides)."""
+    if isinstance(data, LatentFolder):
+        return data.meta["channels"], data.meta["latent_size"]
+    return 3, image_size
+
+
+def probe_batch(held_out, n, seed=0, device="cpu"):
+    """The routing probe's fixed inputs: the first n held-out items (x0, y) and noise eps drawn
+    from `seed`, the same for every checkpoint."""
+    items = [held_out[i] for i in range(min(n, len(held_out)))]
+    x0 = torch.stack([x for x, _ in items])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return x0.to(device), torch.tensor([y for _, y in items], device=device), eps.to(device)
+
+
+def position_saliency(data, patch_size, n=2048, batch=256):
+    """The training data's mean Laplacian saliency at each token position, (N,), over n images
+    spread over the set, each as training sees it both ways (pixels and their flip, or a latent
+    pair: the image's and its mirror's): the residual routing target's baseline."""
+    idx = np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int)
+    total, views = 0.0, 0
+    for start in range(0, len(idx), batch):
+        x0 = torch.stack([data[int(i)][0] for i in idx[start:start + batch]])
+        x0 = x0.flatten(0, 1) if x0.dim() == 5 else torch.cat([x0, x0.flip(-1)])   # (2B, C, H, W)
+        total, views = total + sm.laplacian_saliency(x0, patch_size).sum(0), views + len(x0)
+    return total / views
