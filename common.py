@@ -38,18 +38,36 @@ def last_line(e):
     return re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
 
 
+PEER_GONE = re.compile(r"by peer|Connection closed|Connection reset|Broken pipe")   # gloo, when a rank has ended
+
+
 def run_cli(main, parse_args):
     """Run a script's main; bad input ends it with one line. Under torchrun every rank meets a
-    bad flag, so rank 0 prints it; a bad image only one rank meets, so that rank prints it."""
+    bad flag, so rank 0 prints it; a bad image only one rank meets, so that rank prints it, and
+    the ranks left waiting for it exit quietly instead of adding their tracebacks."""
+    rank = int(os.environ.get("RANK", 0))
     try:
         main(parse_args())
     except UserError as e:
-        rank = int(os.environ.get("RANK", 0))
         if rank == 0 or e.rank_local:
             print(f"error{f' (rank {rank})' if rank else ''}: {last_line(e)}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(1)
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and PEER_GONE.search(str(e)):
+            sys.exit(1)                                         # another rank failed, and said why
+        raise
+
+
+def check_out_folder(path, flag):
+    """Before any work: refuse an output folder that is, or lies under, an existing file."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "" if p == os.path.abspath(path) else f": {p}"
+        raise UserError(f"{flag} {path}{where} is a file, not a folder; pass a folder")
 
 
 def setup_distributed():

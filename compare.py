@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import sharpmoe as sm
-from common import RECIPES, HelpFormatter, UserError, load_checkpoint, load_model, noise_and_labels, run_cli
+from common import RECIPES, HelpFormatter, UserError, check_out_folder, load_checkpoint, load_model, noise_and_labels, run_cli
 from data import make_datasets, probe_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -386,6 +386,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-images", type=int, default=256, help="held-out images of each run's logged probe")
     p.add_argument("--measure-only", action="store_true", help="train nothing: measure the snapshots there are")
     args = p.parse_args(argv)
+    check_out_folder(args.out, "--out"), check_out_folder(args.results, "--results")
     args.budgets = sorted(set(args.budgets))
     args.trajectory_steps = RECIPES[args.recipe]["trajectory_steps"]
     if min(args.budgets) < 1 or len(args.seeds) < 1:

@@ -145,30 +145,57 @@ class Held(Dataset):
         return len(self.index)
 
 
-class ImageFolder(Held):
-    """An ImageNet-style folder: DIR/CLASS/IMAGE, classes in sorted order. Items: (x, label),
-    x (3, size, size) in [-1, 1], center-cropped."""
+def visible(names):
+    """Names that are data: anything starting with a dot (.ipynb_checkpoints, .DS_Store, macOS's
+    ._IMG.jpg copies, .git) is not, at any level."""
+    return sorted(n for n in names if not n.startswith("."))
 
-    def __init__(self, root, size):
+
+def read_rgb(path):
+    """An image file as an 8-bit RGB PIL image, fully decoded, whatever its mode: 16-bit
+    grayscale (I;16*) and 32-bit integer (I, holding 16-bit values) are scaled from 0..65535, float
+    (F) from [0, 1] (Pillow's convert("RGB") would clip them all to white). Anything that cannot be
+    read is a UserError naming the file. fid.py holds the same rules (a test keeps them equal)."""
+    try:
+        img = Image.open(path)
+        img.load()                                              # a truncated file fails here, not later
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            a, top = np.asarray(img, dtype=np.float64), 1.0 if img.mode == "F" else 65535.0
+            if a.min() < 0 or a.max() > top:
+                raise ValueError(f"mode {img.mode} with values outside [0, {top:g}]")
+            img = Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
+        return img.convert("RGB")
+    except Exception as e:
+        says = str(e).splitlines()[0][:80] if str(e) and str(path) not in str(e) else ""
+        raise UserError(f"cannot read image {path} ({type(e).__name__}{': ' + says if says else ''}); fix or remove it")
+
+
+class ImageFolder(Held):
+    """An ImageNet-style folder: DIR/CLASS/IMAGE, classes in sorted order (names starting with a
+    dot are skipped). Items: (x, label), x (3, size, size) in [-1, 1], center-cropped. A class
+    folder without images is refused unless allow_empty (its label would exist, with no data)."""
+
+    def __init__(self, root, size, allow_empty=False):
         if not os.path.isdir(root):
             raise UserError(f"data folder {root} does not exist; pass --data DIR with one "
                             "subfolder per class, or leave --data out for the built-in data")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(root, c)))
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        self.classes = [d for d in visible(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
+        per_class = [[os.path.join(root, c, f) for f in visible(os.listdir(os.path.join(root, c)))
+                      if f.lower().endswith(IMAGE_EXTENSIONS)] for c in self.classes]
+        self.files = [(f, y) for y, files in enumerate(per_class) for f in files]
         if not self.files:
             raise UserError(f"data folder {root} has no images in class subfolders; expected "
                             f"{root}/CLASS/IMAGE.jpg")
+        empty = [c for c, files in zip(self.classes, per_class) if not files]
+        if empty and not allow_empty:
+            raise UserError(f"data folder {root} has class folders without images: {', '.join(empty[:5])}"
+                            f"{' ...' if len(empty) > 5 else ''}; remove them, or pass --allow-empty-classes "
+                            "to keep them as classes")
         self.size, self.index = size, np.arange(len(self.files))
 
     def __getitem__(self, i):
         path, y = self.files[self.index[i]]
-        try:
-            img = Image.open(path).convert("RGB")
-        except Exception as e:
-            raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
-        arr = np.asarray(center_crop(img, self.size), dtype=np.float32) / 127.5 - 1
+        arr = np.asarray(center_crop(read_rgb(path), self.size), dtype=np.float32) / 127.5 - 1
         return torch.from_numpy(arr).permute(2, 0, 1), y
 
 
@@ -179,7 +206,7 @@ class LatentFolder(Held):
     """A latent folder written by latents.py. Items: (latents, label) with latents (2, C, s, s)
     float32, the image's and its mirror's (pairs=True, for training), or the image's (C, s, s)."""
 
-    def __init__(self, root, pairs=True):
+    def __init__(self, root, pairs=True, allow_empty=False):
         meta_path = os.path.join(root, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"latent folder {root} has no meta.json: its extraction did not finish; "
@@ -198,6 +225,10 @@ class LatentFolder(Held):
             raise UserError(f"latent folder {root}: the arrays disagree with meta.json (latents {self.latents.shape}, "
                             f"labels {self.labels.shape}, {len(m['classes'])} classes; meta says {shape}); "
                             "rerun latents.py into a new folder")
+        empty = [c for c, n in zip(m["classes"], np.bincount(self.labels, minlength=len(m["classes"]))) if n == 0]
+        if empty and not allow_empty:
+            raise UserError(f"latent folder {root} has classes without latents: {', '.join(empty[:5])}; "
+                            "pass --allow-empty-classes to keep them as classes")
         self.classes, self.pairs, self.index = m["classes"], pairs, np.arange(m["count"])
 
     def __getitem__(self, i):
@@ -257,7 +288,8 @@ def decode(vae, latents):
 # ----------------------------------------------------------------------------------------------
 # Training and held-out sets, the probe batch, the per-position saliency
 
-def make_datasets(data=None, val_data=None, builtin="strokes", builtin_size=10_000, image_size=32, **_):
+def make_datasets(data=None, val_data=None, builtin="strokes", builtin_size=10_000, image_size=32,
+                  allow_empty_classes=False, **_):
     """(training set, held-out set). `data` an image folder or a latent folder (latents.py); the
     held-out set is `val_data`, or a tenth of `data` (at most PROBE_IMAGES items) split off.
     Without `data`, the built-in set `builtin` and 1024 of its held-out images. Takes train.py's
@@ -265,10 +297,11 @@ def make_datasets(data=None, val_data=None, builtin="strokes", builtin_size=10_0
     if not data:
         make = BUILTIN[builtin]
         return make(image_size, builtin_size), make(image_size, 1024, start=HELD_OUT)
-    latent = is_latent_folder(data)
-    train_set = LatentFolder(data) if latent else ImageFolder(data, image_size)
-    if val_data:
-        held_out = LatentFolder(val_data, pairs=False) if latent else ImageFolder(val_data, image_size)
+    folder = lambda path, allow_empty, pairs=True: LatentFolder(path, pairs, allow_empty) if is_latent_folder(data) \
+        else ImageFolder(path, image_size, allow_empty)
+    train_set = folder(data, allow_empty_classes)
+    if val_data:                                                # (a small held-out set may lack a class)
+        held_out = folder(val_data, True, pairs=False)
     else:
         held_out = train_set.split_off(max(1, min(PROBE_IMAGES, len(train_set) // 10)))
     if held_out.classes != train_set.classes:

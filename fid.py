@@ -40,8 +40,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".
 
 
 class UserError(Exception):
-    """Bad input: printed as one line, without a traceback. fid.py imports nothing of this
-    project, so train.py and sample.py take this and IMAGE_EXTENSIONS from here."""
+    """Bad input: printed as one line, without a traceback. (fid.py imports nothing of this
+    project, so that it can be copied and used alone; common.UserError is the project's.)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,20 +258,39 @@ def npz_batches(path, batch_size):
 
 
 def image_files(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    """The images of a folder; names starting with a dot (.DS_Store, macOS's ._IMG.png) are not images."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
-def open_image(path):
+def read_rgb(path):
+    """An image file as 8-bit RGB (H, W, 3), fully decoded, whatever its mode: 16-bit grayscale
+    (I;16*) and 32-bit integer (I, holding 16-bit values) scaled from 0..65535, float (F) from
+    [0, 1] (Pillow's convert("RGB") clips them to white). The same rules as the project's
+    data.read_rgb (fid.py imports nothing of the project; a test keeps the two equal)."""
     try:
-        return Image.open(path)
+        img = Image.open(path)
+        img.load()                                              # a truncated file fails here
+        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+            a, top = np.asarray(img, dtype=np.float64), 1.0 if img.mode == "F" else 65535.0
+            if a.min() < 0 or a.max() > top:
+                raise ValueError(f"mode {img.mode} with values outside [0, {top:g}]")
+            img = Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
+        return np.asarray(img.convert("RGB"))
     except Exception as e:
-        raise UserError(f"cannot read image {path} ({type(e).__name__}); fix or remove it")
+        says = str(e).splitlines()[0][:80] if str(e) and str(path) not in str(e) else ""
+        raise UserError(f"cannot read image {path} ({type(e).__name__}{': ' + says if says else ''}); fix or remove it")
 
 
 def folder_batches(folder, batch_size):
     files = image_files(folder)
     for start in range(0, len(files), batch_size):
-        yield np.stack([np.asarray(open_image(path).convert("RGB")) for path in files[start:start + batch_size]])
+        yield np.stack([read_rgb(path) for path in files[start:start + batch_size]])
+
+
+def npz_path(path):
+    """np.savez adds .npz to a name without it: the file a name stands for."""
+    return path if path.endswith(".npz") or os.path.exists(path) or not os.path.exists(path + ".npz") else path + ".npz"
 
 
 def check_input(path, role):
@@ -279,10 +298,10 @@ def check_input(path, role):
     carries statistics (mu, sigma). One clear line for anything else."""
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist")
-    if os.path.isdir(path):
+    if os.path.isdir(path):                                     # every image decoded once, before any work
         sizes = {}
-        for f in image_files(path):
-            sizes.setdefault(open_image(f).size, f)
+        for f in tqdm(image_files(path), desc=f"checking {os.path.basename(path)}", leave=False):
+            sizes.setdefault(read_rgb(f).shape[1::-1], f)
         if len(sizes) > 1:
             (a, fa), (b, fb) = list(sizes.items())[:2]
             raise UserError(f"images in {path} differ in size ({a[0]}x{a[1]} {fa}, {b[0]}x{b[1]} {fb}); "
@@ -376,6 +395,11 @@ def reference_stats(net, path, batch_size, device):
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    args.samples, args.ref = npz_path(args.samples), args.ref and npz_path(args.ref)
+    if args.save_stats:
+        args.save_stats += "" if args.save_stats.endswith(".npz") else ".npz"   # what np.savez writes
+        if os.path.isdir(args.save_stats) or not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
+            raise UserError(f"--save-stats {args.save_stats}: not a file in an existing folder")
     check_input(args.samples, "samples")                        # both inputs, before any work
     if args.ref:
         check_input(args.ref, "reference")
@@ -410,7 +434,8 @@ if __name__ == "__main__":
     p.add_argument("ref", nargs="?", default=None, help="reference: .npz with mu/sigma or arr_0, or an image folder")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: download)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
-    p.add_argument("--save-stats", default=None, help="write mu / sigma of SAMPLES to this .npz")
+    p.add_argument("--save-stats", default=None, help="write mu / sigma of SAMPLES to this .npz (.npz is added "
+                   "to a name without it)")
     try:
         main(p.parse_args())
     except UserError as e:

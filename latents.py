@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import HelpFormatter, UserError, run_cli, save_npz, setup_distributed, to_uint8
+from common import HelpFormatter, UserError, check_out_folder, run_cli, save_npz, setup_distributed, to_uint8
 from data import VAES, ImageFolder, encode, load_vae
 
 
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers per rank")
     p.add_argument("--reference", action="store_true", help="write OUT.npz: the uint8 center crops (a reference "
                    "batch for fid.py); no VAE")
+    p.add_argument("--allow-empty-classes", action="store_true", help="keep class folders without images as classes")
     args = p.parse_args(argv)
     if not os.path.isdir(args.data):
         raise UserError(f"image folder {args.data} does not exist; pass an ImageNet-style folder DIR/CLASS/IMAGE")
@@ -54,12 +55,15 @@ def parse_args(argv=None):
         raise UserError("--batch-size must be at least 1 and --image-size at least 8")
     if args.reference and not args.out.endswith(".npz"):
         raise UserError(f"--reference writes an .npz file; name OUT like {args.out}.npz")
+    check_out_folder(os.path.dirname(os.path.abspath(args.out)) if args.reference else args.out, "OUT")
+    if args.reference and os.path.isdir(args.out):
+        raise UserError(f"OUT {args.out} is a folder; --reference writes an .npz file")
     return args
 
 
 def reference_batch(args):
     """The center crops of args.data as uint8 (N, size, size, 3) in args.out (.npz, arr_0 and labels)."""
-    data = ImageFolder(args.data, args.image_size)
+    data = ImageFolder(args.data, args.image_size, allow_empty=True)   # (a reference needs no class balance)
     images, labels = [], []
     for x, y in tqdm(DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers),
                      desc=f"cropping {len(data)} images"):
@@ -75,7 +79,7 @@ def main(args):
         print(f"{args.out} is complete (meta.json exists); nothing to do")
         return
     rank, world, device = setup_distributed()
-    data = ImageFolder(args.data, args.image_size)
+    data = ImageFolder(args.data, args.image_size, args.allow_empty_classes)
     vae = load_vae(args.vae, device)
     with torch.no_grad():                                       # the latent grid, from one dummy image
         C, s = encode(vae, torch.zeros(1, 3, args.image_size, args.image_size, device=device)).shape[1:3]
@@ -105,7 +109,7 @@ def main(args):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        meta = dict(vae=args.vae if os.path.isdir(args.vae) else VAES.get(args.vae, args.vae),
+        meta = dict(vae=os.path.abspath(args.vae) if os.path.isdir(args.vae) else VAES.get(args.vae, args.vae),
                     scale=float(vae.config.scaling_factor), image_size=args.image_size, latent_size=int(s),
                     channels=int(C), count=N, classes=list(data.classes))
         tmp = os.path.join(args.out, "meta.json.tmp")

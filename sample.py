@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import HelpFormatter, UserError, load_model, noise_and_labels, run_cli, save_npz, setup_distributed, to_uint8
+from common import (HelpFormatter, UserError, check_out_folder, load_model, noise_and_labels, run_cli, save_npz,
+                    setup_distributed, to_uint8)
 from data import ImageFolder, LatentFolder, decode, is_latent_folder, load_vae, make_datasets, probe_batch
 
 
@@ -146,10 +147,10 @@ def parse_args(argv=None):
                     (args.grid >= 0, f"--grid {args.grid} must be 0 (no grid) or more"),
                     (args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1"),
                     (args.report_images >= 1, f"--report-images {args.report_images} must be at least 1"),
-                    (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)"),
-                    (not os.path.isfile(args.out), f"--out {args.out} is a file; pass a folder")):
+                    (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)")):
         if not ok:
             raise UserError(msg)
+    check_out_folder(args.out, "--out")
     return args
 
 
@@ -157,8 +158,8 @@ def report_images(args, train_args, n, device):
     """The images of a --real report: --data, or the held-out images of the checkpoint's data;
     with fixed noise from --seed (data.probe_batch). Returns (x0, y, eps) and the class count."""
     if args.data:
-        held_out = LatentFolder(args.data, pairs=False) if is_latent_folder(args.data) else \
-            ImageFolder(args.data, train_args["image_size"])
+        held_out = LatentFolder(args.data, pairs=False, allow_empty=True) if is_latent_folder(args.data) else \
+            ImageFolder(args.data, train_args["image_size"], allow_empty=True)
     else:
         held_out = make_datasets(**train_args)[1]
     return probe_batch(held_out, n, args.seed, device), len(held_out.classes)
@@ -172,9 +173,15 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     decode_latents = lambda x: x                                # pixel mode: the model's x is the image
     if train_args.get("latent"):                                # latent mode: decode with the data's VAE
-        vae = load_vae(args.vae or train_args["latent"]["vae"], device)
+        vae, scale = load_vae(args.vae or train_args["latent"]["vae"], device), train_args["latent"]["scale"]
+        if vae.config.scaling_factor != scale:
+            raise UserError(f"--vae {args.vae} scales latents by {vae.config.scaling_factor}, the model's latent data "
+                            f"by {scale} (its meta.json); pass the VAE the data was made with")
         decode_latents = lambda x: decode(vae, x)
     pixels = lambda x: to_uint8(decode_latents(x))              # (B, C, h, w) -> (B, H, W, 3) uint8
+    if cfg.router == "diffmoe" and rank == 0:
+        print("note: DiffMoE's capacity at inference depends on the batch: its samples change with --batch-size "
+              "and the number of ranks (not only its compute)")
 
     # 1. the grid
     if args.grid and rank == 0:
@@ -185,7 +192,7 @@ def main(args):
         save_grid(pixels(x), os.path.join(args.out, "grid.png"), nrow, train_args.get("classes"))
         print(f"wrote {args.out}/grid.png")
 
-    # 2. samples.npz: sample i on rank i % world
+    # 2. samples.npz: sample i on rank i % world (a rank past the last sample has none)
     if args.num_samples:
         mine = list(range(rank, args.num_samples, world))
         images, labels = [], []
@@ -193,17 +200,19 @@ def main(args):
             noise, y = noise_and_labels(mine[start:start + args.batch_size], cfg, args.seed)
             images.append(pixels(sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)))
             labels.append(y.numpy())
-        part = os.path.join(args.out, f".part{rank}.npz")
-        np.savez(part, images=np.concatenate(images), labels=np.concatenate(labels))
+        part = lambda r: os.path.join(args.out, f".part{r}.npz")
+        if mine:
+            np.savez(part(rank), images=np.concatenate(images), labels=np.concatenate(labels))
         if world > 1:
             dist.barrier()
         if rank == 0:
-            arr = np.zeros((args.num_samples, *images[0].shape[1:]), np.uint8)   # (decoded, in latent mode)
-            lab = np.zeros(args.num_samples, np.int64)
-            for r in range(world):
-                with np.load(os.path.join(args.out, f".part{r}.npz")) as f:
+            arr, lab = None, np.zeros(args.num_samples, np.int64)
+            for r in range(min(world, args.num_samples)):
+                with np.load(part(r)) as f:
+                    if arr is None:                             # (decoded size, in latent mode)
+                        arr = np.zeros((args.num_samples, *f["images"].shape[1:]), np.uint8)
                     arr[r::world], lab[r::world] = f["images"], f["labels"]
-                os.remove(os.path.join(args.out, f".part{r}.npz"))
+                os.remove(part(r))
             save_npz(os.path.join(args.out, "samples.npz"), arr_0=arr, arr_1=lab)
             print(f"wrote {args.out}/samples.npz: arr_0 {arr.shape} uint8, arr_1 labels")
 

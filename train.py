@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import (RECIPES, HelpFormatter, UserError, checkpoint_config, generator, load_checkpoint, load_weights,
-                    run_cli, save_checkpoint, setup_distributed)
+from common import (RECIPES, HelpFormatter, UserError, check_out_folder, checkpoint_config, generator, load_checkpoint,
+                    load_weights, run_cli, save_checkpoint, setup_distributed)
 from data import BUILTIN, PROBE_IMAGES, data_shape, make_datasets, position_saliency, probe_batch
 
 # The model's flags: for pretraining; a model from --init keeps its own.
@@ -37,6 +37,7 @@ MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_ever
 # Flags a resumed run may change; every other flag must be the one the run started with.
 RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers", "out", "backward", "probe_images")
 RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}   # flags of older checkpoints
+PATHS = ("data", "val_data", "init")   # stored absolute: a checkpoint's args resolve from any folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}   # flags
 def check_args(args):
     """Refuse nonsense before anything is built, in one line."""
     finite = math.isfinite
+    check_out_folder(args.out, "--out")
     if args.resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
         raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
                         "continue it, or pick another --out")
@@ -72,7 +74,7 @@ def resume_checkpoint(args):
     if args.resume is None:
         return None
     ckpt = load_checkpoint(args.resume)
-    old = {RENAMED.get(k, k): v for k, v in ckpt.get("args", {}).items()}
+    old = {RENAMED.get(k, k): os.path.abspath(v) if k in PATHS and v else v for k, v in ckpt.get("args", {}).items()}
     ignored = RESUME_MAY_CHANGE + (tuple(MODEL_DEFAULTS) if args.init else ())
     differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()
               if k in old and k not in ignored and old[k] != v]
@@ -278,9 +280,17 @@ class RoutingProbe:
                 f"pos {row(r['corr_pos'].tolist(), '+.2f')} loss {row(r['loss'].tolist(), '.3f')}")
 
 
-def log_line(step, mean, routed, n_moe):
+def header(args, model, opts, data, world, device, step):
+    what = "SharpMoE post-training" if opts else "control continuation" if args.init else "pretraining"
+    resumed = f"; RESUMED from {args.resume} (lines above for steps after {step} came from the killed run)"
+    return (f"{what}: {model.cfg.router} router, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"{len(data)} images, {len(data.classes)} classes, world {world}, device {device}, step {step} of "
+            f"{args.steps}" + (resumed if args.resume else ""))
+
+
+def log_line(step, mean, opts, n_moe):
     msg = f"step {step:7d}  loss_fm {mean['loss_fm']:.4f}  aux {mean['aux']:.4f}"
-    if routed:
+    if opts:
         msg += f"  loss_routing {mean['loss_routing']:.4f}"
     if n_moe:
         msg += f"  experts/token {mean['experts/token']:.3f}  corr(count,saliency) batch {mean['corr']:+.3f}"
@@ -310,7 +320,7 @@ def main(args):
     data, held_out = make_datasets(**vars(args))
     loader, steps_per_epoch = make_loader(data, args, rank, world, device)
 
-    # 3. model, EMA, optimizer, the SharpMoE loss
+    # 3. model, EMA, optimizer, the SharpMoE loss (None: ordinary training)
     torch.manual_seed(args.seed)                               # the same init on every rank
     model, ema = build_models(args, data, device)
     ema.requires_grad_(False).eval()
@@ -324,25 +334,22 @@ def main(args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     log = open_log(args.out, rank)
-    log(f"{'SharpMoE post-training' if opts else 'control continuation' if args.init else 'pretraining'}: "
-        f"{cfg.router} router, {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
-        f"{len(data.classes)} classes, world {world}, device {device}, step {step} of {args.steps}"
-        + (f"; RESUMED from {args.resume} (lines above for steps after {step} came from the killed run)" if ckpt else ""))
-    probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and rank == 0 and args.probe_images else None
+    log(header(args, raw, opts, data, world, device, step))
+    probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and args.probe_images and rank == 0 else None
     if probe:
         log(f"step {step:7d}  {probe(raw)}  (before training)")
 
     # 4. the loop: draw, forward/backward, step, EMA, log, save
     meter, data_iter = Meter(device), batches(loader, step, steps_per_epoch)
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    no_sync = getattr(model, "no_sync", nullcontext)
     with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
         while step < args.steps:
             x0, y = next(data_iter)
             flip, draw = step_draws(args, cfg, T, step, rank, world, device)
             x0, y = apply_flip(x0.to(device, non_blocking=True), flip), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, args.backward == "stepwise", autocast,
-                                        getattr(model, "no_sync", nullcontext))
+            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, args.backward == "stepwise", autocast, no_sync)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -350,13 +357,13 @@ def main(args):
             step += 1
             meter.add(step, stats, x0, cfg.patch_size, n_moe)
             pbar.update(1)
-            logs, saves = step % args.log_every == 0 or step == args.steps, step % args.ckpt_every == 0 or step == args.steps
+            logs = step % args.log_every == 0 or step == args.steps
+            saves = step % args.ckpt_every == 0 or step == args.steps
             if logs or saves:
                 meter.stop_if_diverged(world, rank, args)
             if logs:
                 mean = meter.read(world)
-                log(log_line(step, mean, opts is not None, n_moe) + (f"  {probe(raw)}" if probe else "")
-                    + f"  img/s {mean['img/s']:.1f}")
+                log(log_line(step, mean, opts, n_moe) + (f"  {probe(raw)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
                 pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
             if saves and rank == 0:
                 save_checkpoint(os.path.join(args.out, "last.pt"), raw, ema, opt, step, args, data.classes,
@@ -381,6 +388,8 @@ def parse_args(argv=None):
     add("--builtin-size", type=int, default=10_000, help="number of built-in training images")
     add("--val-data", default=None, help="held-out folder for the routing probe (default: "
         f"{PROBE_IMAGES} images split off --data; built-in data has its own held-out range)")
+    add("--allow-empty-classes", action="store_true", help="keep class folders without images as classes "
+        "(refused otherwise: sampling would draw labels that have no data)")
     # the model (pretraining only: a model from --init keeps its own)
     add("--preset", default=None, help=f"model size, one of {', '.join(sm.PRESETS)} (recipe: {recipe('preset')})")
     add("--router", default=None, help=f"one of {', '.join(sm.ROUTERS)} (default: ec)")
@@ -430,7 +439,10 @@ def parse_args(argv=None):
 
 def complete_args(args):
     """Refuse model flags given with --init (the model comes from the checkpoint); fill what the
-    command line left open from the model defaults and the recipe."""
+    command line left open from the model defaults and the recipe; make paths absolute."""
+    for k in PATHS:
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     if args.init:
         given = [k for k in MODEL_DEFAULTS if getattr(args, k) is not None]
         if given:
