@@ -1,13 +1,18 @@
 """
-Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2-core CPU).
+Speed and memory, measured: `python bench.py` (a few minutes on a 2-core CPU; on a GPU it runs the
+same parts), and `python bench.py --gpu`, the GPU check (under 8 minutes on one GPU; without a
+GPU it says so and exits).
 
 1. One MoE layer against a dense MLP with the same activated FLOPs (full-width experts, one
-   expert per token on average), forward + backward, at two sizes, as time ratios.
+   expert per token on average), forward + backward as in training (gradients set to None
+   before each), at two sizes, as paired time ratios.
 2. Training images/s per router for the `cpu` preset (forward, backward, AdamW step).
 3. One SharpMoE post-training iteration (T steps of one trajectory) against one ordinary
-   training iteration at the same batch, for both backward paths (unrolled: one backward over
-   all T steps; stepwise: one step's graph at a time): time (paired ratio) and peak activation
-   memory (bytes autograd holds for backward; on a GPU also the peak allocated memory).
+   iteration at the same batch: unrolled (one backward over all T steps), stepwise with the
+   paper's trajectory KL (a no-grad pre-pass, then one step's graph at a time) and stepwise with
+   the per-step KL (no pre-pass); time in units of T ordinary iterations against the floor
+   (unrolled and per-step KL: 1.0 T; trajectory KL: 1 + 1/3 T, one extra forward per step), and
+   peak activation memory (bytes autograd holds for backward; on a GPU the peak allocated).
 4. For the L preset on the paper's latent grid: activation bytes per image, measured, and the
    per-GPU batch that T = 10 leaves in 80 GB for each path (an estimate).
 5. On a CPU, a profile of one MoE layer (forward + backward) by part, against the dense MLP.
@@ -15,28 +20,39 @@ Measurements for README: run `python bench.py` (CPU or GPU; a few minutes on a 2
    assumed throughput (needs diffusers for the VAE's architecture; nothing is downloaded).
 """
 import argparse
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from copy import deepcopy
 
 import torch
+import torch.nn.functional as F
 
 import sharpmoe as sm
 from common import HelpFormatter
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
 
 def timeit(fn, reps, warmup=2):
+    """Median seconds of fn over reps runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]                      # median
+    return sorted(times)[len(times) // 2]
 
 
 def paired_ratio(fn, ref, reps):
@@ -45,33 +61,56 @@ def paired_ratio(fn, ref, reps):
     return sorted(timeit(fn, 1, 0) / timeit(ref, 1, 0) for _ in range(reps))[reps // 2]
 
 
-def layer_ratios(device, reps):
-    print("\n1. MoE layer / dense MLP, forward + backward (same activated FLOPs; ratio 1.00 = no overhead)")
-    print(f"{'width':>6} {'tokens':>7} {'dense ms':>9} " + " ".join(f"{r:>8}" for r in ("tc", "ec", "diffmoe")))
-    for width, B, N in ((256, 32, 64), (512, 16, 256)):
-        x = torch.randn(B, N, width, device=device, requires_grad=True)
-        mlp = sm.MLP(width, 4 * width).to(device)
-        dense = lambda: mlp(x).sum().backward()
-        ratios = []
+def fwd_bwd(module, x, g):
+    """Forward and backward of one layer as in training: gradients start at None (a benchmark
+    that lets them accumulate charges the MoE's E times larger weights an extra add per step)."""
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).backward(g)
+    return run
+
+
+def layer_ratios(device, reps, sizes=((256, 32, 64), (512, 16, 256)), dtype=torch.float32):
+    """{(width, router): MoE / dense time ratio}, and the dense ms per width."""
+    out = {}
+    for width, B, N in sizes:
+        x = torch.randn(B, N, width, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(B, N, width, device=device, dtype=dtype)
+        dense = fwd_bwd(sm.MLP(width, 4 * width).to(device, dtype), x, g)
+        out[width, "dense ms"] = timeit(dense, reps) * 1e3
+        experts = sm.Experts(8, width, 4 * width).to(device, dtype)    # the experts alone, no routing
+        xe = x.detach().view(8, -1, width).requires_grad_()
+        out[width, "experts"] = paired_ratio(fwd_bwd(experts, xe, g.view(8, -1, width)), dense, reps)
         for router in ("tc", "ec", "diffmoe"):
-            cfg = sm.Config(width=width, heads=4, router=router, num_experts=8)
-            moe = sm.MoE(cfg).to(device).train()
-            ratios.append(paired_ratio(lambda: moe(x)[0].sum().backward(), dense, reps))
-        print(f"{width:>6} {B * N:>7} {timeit(dense, reps) * 1e3:>9.2f} " + " ".join(f"{r:>8.2f}" for r in ratios))
+            moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=8)).to(device, dtype).train()
+            out[width, router] = paired_ratio(fwd_bwd(moe, x, g), dense, reps)
+    return out
 
 
-def train_step(model, cfg, x, y, opt, T=1, stepwise=False):
-    """One training iteration with fresh draws: ordinary (T = 1) or SharpMoE with the paper's loss."""
+def print_layer_ratios(device, reps):
+    print("\n1. MoE layer / dense MLP, forward + backward (same activated FLOPs; ratio 1.00 = no overhead); "
+          "'experts': the 8 experts' batched matmuls alone, without routing")
+    r = layer_ratios(device, reps)
+    print(f"{'width':>6} {'tokens':>7} {'dense ms':>9} " + " ".join(f"{k:>8}" for k in ("experts", "tc", "ec", "diffmoe")))
+    for width, tokens in ((256, 2048), (512, 4096)):
+        print(f"{width:>6} {tokens:>7} {r[width, 'dense ms']:>9.2f} "
+              + " ".join(f"{r[width, k]:>8.2f}" for k in ("experts", "tc", "ec", "diffmoe")))
+
+
+def train_step(model, cfg, x, y, opt, T=1, scope=None, stepwise=False):
+    """One training iteration with fresh draws: ordinary (T = 1) or SharpMoE with the paper's
+    loss (scope "trajectory") or the per-step KL (scope "step")."""
     opt.zero_grad(set_to_none=True)
-    opts = sm.SharpMoELoss() if T > 1 else None
+    opts = sm.SharpMoELoss(scope=scope) if T > 1 else None
     sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, stepwise)
     opt.step()
 
 
-def forward_backward(model, cfg, x, y, T=1, stepwise=False):
-    """The same without the optimizer step (for the memory count)."""
-    opts = sm.SharpMoELoss() if T > 1 else None
-    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, stepwise)
+def forward_backward(model, cfg, x, y):
+    """One ordinary forward and backward, no optimizer (for the memory count)."""
+    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], device=x.device))
 
 
 def throughput(device, batch, reps):
@@ -107,43 +146,56 @@ def saved_bytes(fn):
     return max(peak[0], sum(seen.values()))
 
 
-def post_training_cost(device, batch, reps):
-    print(f"\n3. One SharpMoE post-training iteration over one ordinary iteration, both backward paths (the same "
-          f"gradient), preset cpu, ec router, batch {batch}; memory: peak bytes held for backward")
-    print(f"{'T':>3} {'ordinary ms':>12} {'act. MB':>8} {'unrolled time x':>16} {'stepwise time x':>16} "
-          f"{'unrolled mem x':>15} {'stepwise mem x':>15}")
-    base_cfg = sm.make_config("cpu", router="ec", num_classes=10)
+POST_PATHS = (("unrolled", "trajectory", False), ("stepwise, trajectory KL", "trajectory", True),
+              ("stepwise, per-step KL", "step", True))
+
+
+def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 32)):
+    """Per T: the ordinary iteration (ms, activation MB) and, per path, time / ordinary and
+    memory / ordinary. On a GPU also the peak allocated memory (MB) of each."""
+    ch, size = image
+    base_cfg = sm.make_config(preset, router="ec", num_classes=10, in_channels=ch, image_size=size)
     base_model = sm.DiT(base_cfg).to(device)
     model = sm.add_saliency_routers(deepcopy(base_model))
     cfg = model.cfg
     base_opt, opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4), torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    x, y = torch.randn(batch, ch, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
     ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt)
-    base = timeit(ordinary, reps)
-    base_mem = saved_bytes(lambda: forward_backward(base_model, base_cfg, x, y))
-    for T in (4, 10):
-        ratios, mems = [], []
-        for stepwise in (False, True):
-            ratios.append(paired_ratio(lambda: train_step(model, cfg, x, y, opt, T, stepwise), ordinary, max(3, reps // 2)))
-            mems.append(saved_bytes(lambda: train_step(model, cfg, x, y, opt, T, stepwise)) / base_mem)
-        print(f"{T:>3} {base * 1e3:>12.1f} {base_mem / 2**20:>8.1f} {ratios[0]:>16.2f} {ratios[1]:>16.2f} "
-              f"{mems[0]:>15.2f} {mems[1]:>15.2f}")
-        if device.type == "cuda":
-            for stepwise in (False, True):
+    rows = {"ordinary ms": timeit(ordinary, reps) * 1e3,
+            "ordinary MB": saved_bytes(lambda: forward_backward(base_model, base_cfg, x, y)) / 2**20}
+    for T in Ts:
+        for name, scope, stepwise in POST_PATHS:
+            step = lambda: train_step(model, cfg, x, y, opt, T, scope, stepwise)
+            rows[T, name, "time"] = paired_ratio(step, ordinary, max(3, reps // 2))
+            rows[T, name, "memory"] = saved_bytes(step) / 2**20 / rows["ordinary MB"]
+            if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-                train_step(model, cfg, x, y, opt, T, stepwise)
-                print(f"    {'stepwise' if stepwise else 'unrolled'}: GPU peak allocated "
-                      f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+                step()
+                rows[T, name, "peak MB"] = torch.cuda.max_memory_allocated() / 2**20
+    return rows
+
+
+def print_post_training_cost(device, batch, reps):
+    print(f"\n3. One SharpMoE post-training iteration over one ordinary iteration (preset cpu, ec, batch {batch}); "
+          "memory: peak bytes held for backward. The floor: 1.00 T, and 1.33 T for the trajectory KL stepwise")
+    rows = post_training_cost(device, batch, reps)
+    print(f"    ordinary iteration: {rows['ordinary ms']:.1f} ms, {rows['ordinary MB']:.1f} MB of activations")
+    print(f"{'T':>3} {'path':>24} {'time x':>8} {'in T':>7} {'memory x':>9}")
+    for T in (4, 10):
+        for name, _, _ in POST_PATHS:
+            time_x = rows[T, name, "time"]
+            print(f"{T:>3} {name:>24} {time_x:>8.2f} {time_x / T:>6.2f}T {rows[T, name, 'memory']:>9.2f}"
+                  + (f"  GPU peak {rows[T, name, 'peak MB']:.0f} MB" if (T, name, "peak MB") in rows else ""))
 
 
 # Profiler op names -> the parts of a layer (fwd + bwd). aten::mm is the router when one of its
-# operands has num_experts columns or rows, else an expert / MLP matmul (tc's grouped_mm loops it).
+# operands has num_experts columns or rows, else an expert / MLP matmul.
 PARTS = {"router (linear, softmax)": ("router mm", "aten::_softmax", "aten::_softmax_backward_data"),
          "capacity predictor (diffmoe)": ("aten::silu", "aten::silu_backward", "aten::sigmoid",
                                           "aten::binary_cross_entropy_with_logits", "predictor addmm"),
          "top-k / selection": ("aten::topk", "aten::scatter_", "aten::sort", "aten::nonzero", "aten::argsort"),
          "gather": ("aten::index_select",),
-         "expert matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"),
+         "expert matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
          "expert GELU": ("aten::gelu", "aten::gelu_backward"),
          "gate multiply": ("aten::mul", "aten::gather"),
          "scatter": ("aten::index_add_", "aten::scatter_add_")}
@@ -155,14 +207,14 @@ def profile_layer(device, reps=10, width=512, B=16, N=256, E=8):
     from torch.profiler import ProfilerActivity, profile
     print(f"\n5. Profile, forward + backward at width {width}, {B * N} tokens, {E} experts: self CPU time by part, "
           "% of each layer's total")
-    x = torch.randn(B, N, width, device=device, requires_grad=True)
+    x, g = torch.randn(B, N, width, device=device, requires_grad=True), torch.randn(B, N, width, device=device)
 
     def parts(fn):
         fn()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(reps):
                 fn()
-        out = dict.fromkeys([*PARTS, "other (copies, fills, sums, grad accumulation)"], 0.0)
+        out = dict.fromkeys([*PARTS, "other (copies, fills, sums)"], 0.0)
         for e in prof.key_averages(group_by_input_shape=True):
             shapes = [d for shape in e.input_shapes if isinstance(shape, list) for d in shape]
             name = e.key
@@ -170,14 +222,13 @@ def profile_layer(device, reps=10, width=512, B=16, N=256, E=8):
                 name = "router mm"
             elif name == "aten::addmm" and width in shapes and 4 * width not in shapes:
                 name = "predictor addmm"                            # DiffMoE's Linear(D, D) and Linear(D, E)
-            part = next((p for p, names in PARTS.items() if name in names), "other (copies, fills, sums, grad accumulation)")
+            part = next((p for p, names in PARTS.items() if name in names), "other (copies, fills, sums)")
             out[part] += e.self_cpu_time_total / reps / 1e3
         return out
-    mlp = sm.MLP(width, 4 * width).to(device)
-    rows = {"dense": parts(lambda: mlp(x).sum().backward())}
+    rows = {"dense": parts(fwd_bwd(sm.MLP(width, 4 * width).to(device), x, g))}
     for router in ("tc", "ec", "diffmoe"):
         moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=E)).to(device).train()
-        rows[router] = parts(lambda: moe(x)[0].sum().backward())
+        rows[router] = parts(fwd_bwd(moe, x, g))
     print(f"{'part':>48} " + " ".join(f"{r:>8}" for r in rows))
     for part in rows["ec"]:
         print(f"{part:>48} " + " ".join(f"{100 * rows[r][part] / sum(rows[r].values()):>7.1f}%" for r in rows))
@@ -203,16 +254,18 @@ def large_model_estimate(device, T=10, gpu_gb=80):
           f"unrolled {int(free // (per_image * T))}, stepwise {int(free // per_image)}")
 
 
+def gflops(fn):
+    """Forward FLOPs of fn, counted (torch.utils.flop_counter), in GFLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100_000, post=20_000, T=10, samples=50_000):
     """GPU-hours of the latent ImageNet recipe (README), an ESTIMATE: FLOPs counted here on the
     meta device for the real architectures (DiT-L EC on 32x32x4 latents; SD's VAE at 256 pixels,
     random weights, nothing downloaded), divided by an assumed sustained throughput."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def gflops(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops() / 1e9
     with torch.device("meta"):
         model = sm.DiT(sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000))
         dit = gflops(lambda: model(torch.randn(1, 4, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)))
@@ -227,7 +280,7 @@ def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100
         dec = gflops(lambda: vae.decode(torch.randn(1, 4, 32, 32)))
     hours = lambda gf: gf * 1e9 / (tflops * 1e12) / 3600
     # An ordinary step costs about 3 forwards (forward + backward); a stepwise SharpMoE iteration
-    # about 4 T (part 3 measures it at 1.31-1.36 T ordinary steps); guided sampling 2 per Euler step.
+    # with the trajectory KL about 4 T (part 3); guided sampling 2 per Euler step.
     stages = [("extract latents (image + mirror)", images * 2 * enc),
               (f"pretrain, {pretrain:,} steps of {batch}", pretrain * batch * 3 * dit),
               (f"SharpMoE, {post:,} steps, T = {T}, stepwise", post * batch * T * 4 * dit),
@@ -240,18 +293,159 @@ def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100
         print(f"{name:>62}: {hours(gf):8.1f} GPU-hours")
 
 
+# ----------------------------------------------------------------------------------------------
+# The GPU check: python bench.py --gpu
+
+# Dense bf16 peak TFLOP/s (tensor cores, no sparsity), by device name, for MFU.
+PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 756, "A100": 312,
+               "L40S": 362, "L4": 121, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def agreement(device, router, sharpmoe, dtype):
+    """Max relative difference, CPU fp32 against `device` (fp32, or bf16 autocast), of a tiny
+    model's output v and of one training step's gradients (the same weights, batch, draws)."""
+    torch.manual_seed(0)
+    cfg = sm.make_config("tiny", router=router, num_classes=10)
+    model = sm.DiT(cfg)
+    with torch.no_grad():                                      # weights as after training: adaLN-Zero opened
+        for name, p in model.named_parameters():
+            if "adaLN" in name or "final_layer.linear" in name:
+                p.normal_(std=0.05)
+    if sharpmoe:
+        sm.add_saliency_routers(model)
+        with torch.no_grad():
+            for layer in model.moe_layers():
+                layer.sal_router.fc2.weight.normal_(std=0.1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    draw = sm.draw_training(cfg, 8, T=3 if sharpmoe else 1, generator=torch.Generator().manual_seed(1))
+    opts = sm.SharpMoELoss(lam=0.1) if sharpmoe else None
+    results = []
+    for dev, cast in (("cpu", False), (device, dtype == torch.bfloat16)):
+        m = deepcopy(model).to(dev).train()
+        d = sm.Draw(*(t.to(dev) for t in draw))
+        with torch.no_grad(), torch.autocast(dev.type if hasattr(dev, "type") else dev, dtype=torch.bfloat16,
+                                             enabled=cast):
+            v = m(x.to(dev), d.ts[0], y.to(dev), x0_hat=x.to(dev) if sharpmoe else None)[0].float().cpu()
+        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cast)
+        sm.forward_backward(m, m.cfg, x.to(dev), y.to(dev), d, opts, stepwise=False, autocast=autocast)
+        results.append((v, [p.grad.float().cpu() for p in m.parameters() if p.grad is not None]))
+    (v0, g0), (v1, g1) = results
+    rel = lambda a, b: float((a - b).norm() / (a.norm() + 1e-12))
+    return rel(v0, v1), max(rel(a, b) for a, b in zip(g0, g1))
+
+
+def ragged_paths(device, dtype, E=8, D=1024, counts=None, reps=10):
+    """Experts.ragged (a loop over experts) against F.grouped_mm on the same weights: the relative
+    output difference, and ms of each (forward + backward)."""
+    torch.manual_seed(0)
+    experts = sm.Experts(E, D, 4 * D).to(device, dtype)
+    counts = counts if counts is not None else torch.randint(256, 768, (E,))
+    x = torch.randn(int(counts.sum()), D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    offs = counts.cumsum(0).int().to(device)
+    idx = torch.repeat_interleave(torch.arange(E, device=device), counts.to(device))
+
+    def grouped(x):
+        h = F.gelu(F.grouped_mm(x, experts.w1, offs=offs) + experts.b1[idx])
+        return F.grouped_mm(h, experts.w2, offs=offs) + experts.b2[idx]
+    loop = lambda x: experts.ragged(x, counts)
+    with torch.no_grad():
+        a, b = loop(x).float(), grouped(x).float()
+    diff = float((a - b).norm() / a.norm())
+    times = [timeit(lambda: fn(x).backward(g), reps) * 1e3 for fn in (loop, grouped)]
+    return diff, times
+
+
+def train_throughput(device, preset, router, batch=128, reps=10, peak=None):
+    """Training images/s on 32x32x4 latent-shaped inputs in bf16 autocast, and MFU: counted
+    FLOPs (3 x the forward's) x images/s / the device's dense bf16 peak."""
+    cfg = sm.make_config(preset, router=router, image_size=32, in_channels=4, num_classes=1000)
+    model = sm.DiT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, y = torch.randn(batch, 4, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, batch, device=device), autocast=autocast)
+        opt.step()
+    t = timeit(step, reps)
+    flops = 3 * gflops(lambda: model(x, torch.rand(batch, device=device), y)) * 1e9
+    return batch / t, (flops / t / (peak * 1e12) if peak else None)
+
+
+def gpu_check(args):
+    """The GPU check, one table per part (README: "GPU check")."""
+    if not torch.cuda.is_available():
+        print("bench.py --gpu: no GPU here (torch.cuda.is_available() is False); nothing to check")
+        return
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py on a GPU
+    print(f"GPU check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{time.strftime('%Y-%m-%d')}; dense bf16 peak {peak} TFLOP/s")
+    print("\nA. CUDA against CPU (fp32), tiny model: relative difference of v and of one step's gradients")
+    print(f"{'model':>16} {'fp32 v':>9} {'fp32 grad':>10} {'bf16 v':>9} {'bf16 grad':>10}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 means fp32 here
+    for router, sharp in [(r, False) for r in sm.ROUTERS] + [("ec", True), ("diffmoe", True)]:
+        fp32 = agreement(device, router, sharp, torch.float32)
+        bf16 = agreement(device, router, sharp, torch.bfloat16)
+        print(f"{router + (' + SharpMoE' if sharp else ''):>16} {fp32[0]:>9.1e} {fp32[1]:>10.1e} {bf16[0]:>9.1e} "
+              f"{bf16[1]:>10.1e}")
+    print("    expected: fp32 below 1e-4; bf16 below 3e-2 (8 mantissa bits); diffmoe and tc can differ more where a "
+          "rounding flips a selection")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print("\nB. MoE layer / dense MLP in bf16, forward + backward, 8 experts, 8192 tokens")
+    r = layer_ratios(device, 20, sizes=((768, 32, 256), (1024, 32, 256)), dtype=torch.bfloat16)
+    print(f"{'width':>6} {'dense ms':>9} " + " ".join(f"{k:>8}" for k in ("experts", "tc", "ec", "diffmoe")))
+    for width in (768, 1024):
+        print(f"{width:>6} {r[width, 'dense ms']:>9.2f} "
+              + " ".join(f"{r[width, k]:>8.2f}" for k in ("experts", "tc", "ec", "diffmoe")))
+    print("\nC. Training on 32x32x4 latent-shaped inputs, bf16 autocast, fused AdamW, batch 128")
+    print(f"{'preset':>6} {'router':>8} {'img/s':>8} {'MFU':>6}")
+    for preset in ("S", "B"):
+        for router in sm.ROUTERS:
+            ips, mfu = train_throughput(device, preset, router, peak=peak)
+            print(f"{preset:>6} {router:>8} {ips:>8.0f} " + (f"{mfu:>6.1%}" if mfu else "     -"))
+    print("\nD. One post-training iteration, preset B, ec, T = 10, batch 32, 32x32x4: against one ordinary iteration")
+    rows = post_training_cost(device, 32, 5, preset="B", Ts=(10,), image=(4, 32))
+    for path, _, _ in POST_PATHS:
+        print(f"{path:>24}: time x {rows[10, path, 'time']:.2f} ({rows[10, path, 'time'] / 10:.2f} T), "
+              f"peak allocated {rows[10, path, 'peak MB']:.0f} MB")
+    print("\nE. The ragged path (tc; diffmoe at inference), width 1024, 8 experts: the loop against grouped_mm")
+    for dtype in (torch.float32, torch.bfloat16):
+        diff, (loop_ms, grouped_ms) = ragged_paths(device, dtype)
+        print(f"{str(dtype):>16}: relative difference {diff:.1e}; loop {loop_ms:.2f} ms, grouped_mm {grouped_ms:.2f} ms")
+    print("\nF. torchrun, one GPU, nccl: train.py (3 steps) and sample.py (4 samples)")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *a],
+                                        cwd=HERE, capture_output=True, text=True, timeout=300)
+        r1 = run("train.py", "--preset", "tiny", "--steps", "3", "--global-batch-size", "8", "--builtin-size", "64",
+                 "--log-every", "1", "--probe-images", "8", "--out", f"{tmp}/run")
+        r2 = run("sample.py", "--ckpt", f"{tmp}/run/last.pt", "--steps", "4", "--num-samples", "4", "--grid", "0")
+        for what, r in (("train.py", r1), ("sample.py", r2)):
+            print(f"{what:>16}: {'ok' if r.returncode == 0 else 'FAILED: ' + r.stderr.strip().splitlines()[-1]}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (the median is reported)")
     p.add_argument("--batch", type=int, default=32, help="images per step for parts 2 and 3")
+    p.add_argument("--gpu", action="store_true", help="run the GPU check instead")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU "
+                   "(default: known from its name)")
     args = p.parse_args()
+    if args.gpu:
+        gpu_check(args)
+        sys.exit(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    layer_ratios(device, args.reps)
+    print_layer_ratios(device, args.reps)
     throughput(device, args.batch, args.reps)
-    post_training_cost(device, args.batch, args.reps)
+    print_post_training_cost(device, args.batch, args.reps)
     large_model_estimate(device)
     if device.type == "cpu":
         profile_layer(device)

@@ -212,7 +212,7 @@ class MLP(nn.Module):
 # Every router turns gates (B*N, E), a softmax over experts for each of the batch's B*N tokens,
 # into a selection mask (B*N, E). Fixed capacity (ec; diffmoe in training) also gives `slots`
 # (E, C): the token indices each expert processes, so that all experts run as one batched matmul.
-# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one grouped matmul.
+# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one matmul pair per expert.
 
 def expert_choice_in_image(gates, B, capacity):
     """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
@@ -267,17 +267,12 @@ class Experts(nn.Module):
 
     def ragged(self, x, counts):
         """Variable counts: x (P, D), P (token, expert) pairs sorted by expert, counts (E,) ->
-        (P, D). One grouped matmul on the CPU; elsewhere a loop over experts (grouped_mm's GPU
-        kernels want bf16 and aligned shapes)."""
-        if x.device.type != "cpu":
-            return self.ragged_loop(x, counts)
-        offs = counts.cumsum(0).int()
-        h = F.gelu(F.grouped_mm(x, self.w1, offs=offs) + self.b1.repeat_interleave(counts, 0))
-        return F.grouped_mm(h, self.w2, offs=offs) + self.b2.repeat_interleave(counts, 0)
-
-    def ragged_loop(self, x, counts):
+        (P, D), one matmul pair per expert. unbind, not self.w1[e]: the backward of indexing a
+        parameter would write a zero (E, D, H) gradient per expert. (On a CPU this loop beats
+        F.grouped_mm by a fifth, bench.py part 5; bench.py --gpu compares the two on a GPU.)"""
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         chunks = x.split(counts.tolist())                       # E chunks of (n_e, D)
-        return torch.cat([torch.addmm(self.b2[e], F.gelu(torch.addmm(self.b1[e], xe, self.w1[e])), self.w2[e])
+        return torch.cat([torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], xe, w1[e])), w2[e])
                           for e, xe in enumerate(chunks)])
 
 
@@ -330,7 +325,7 @@ class MoE(nn.Module):
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
             if torch.is_grad_enabled():                         # FOOTGUN: a side effect, see below
-                aux = self.train_capacity_predictor(flat, mask)
+                aux = self.train_capacity_predictor(flat, mask, slots.shape[1])
         else:                                                   # diffmoe, dynamic capacity
             cap_scores = self.capacity_predictor(flat).sigmoid()
             mask = threshold_choice(gates, cap_scores, self.thresholds)
@@ -355,7 +350,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)
         return out.index_add_(0, tok, y * gates[tok, expert].unsqueeze(-1))
 
-    def train_capacity_predictor(self, flat, mask):
+    def train_capacity_predictor(self, flat, mask, C):
         """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
         track, by EMA, the C-th highest predictor score of each expert, averaged across ranks.
         FOOTGUN: every forward in training mode with grad enabled moves the thresholds (a
@@ -363,7 +358,6 @@ class MoE(nn.Module):
         mode leave them alone, so a pre-pass does not update them twice."""
         cap_logits = self.capacity_predictor(flat.detach())     # (B*N, E)
         with torch.no_grad():
-            C = int(mask[:, 0].sum())
             kth = cap_logits.sigmoid().t().topk(C, dim=1).values[:, -1].contiguous()   # (E,)
             # (all_reduce needs it contiguous: on the strided view the ranks' thresholds drifted apart)
             if dist.is_available() and dist.is_initialized():
@@ -865,9 +859,9 @@ def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcon
     M = routing_target(x0, cfg, opts)
     coupled = cfg.router != "tc" and opts.scope == "trajectory"
     if coupled:                                                 # (1)
-        with torch.no_grad(), autocast():
+        with torch.inference_mode(), autocast():
             A = sum(A_k for _, _, A_k, _ in trajectory_terms(model, cfg, x0, y, draw, opts))
-        A.requires_grad_(True)
+        A = A.clone().requires_grad_(True)                      # (out of inference mode)
         L_routing = routing_loss(A, M, opts.temp)
         g, = torch.autograd.grad(L_routing, A)                  # (B, N)
     fm_sum, aux_sum, step_losses, counts = 0.0, 0.0, 0.0, []

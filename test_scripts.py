@@ -718,6 +718,25 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
 
 
 # ----------------------------------------------------------------------------------------------
+# bench.py: the GPU check's parts run on the CPU; without a GPU the check says so
+
+def test_gpu_check_says_so_without_a_gpu_and_its_parts_run_on_the_cpu():
+    r = subprocess.run([sys.executable, "bench.py", "--gpu"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().splitlines() == [
+        "bench.py --gpu: no GPU here (torch.cuda.is_available() is False); nothing to check"]
+    import bench
+    cpu = torch.device("cpu")
+    for router, sharp in (("dense", False), ("tc", False), ("diffmoe", True)):
+        assert bench.agreement(cpu, router, sharp, torch.float32) == (0.0, 0.0)   # the same device: identical
+    diff, times = bench.ragged_paths(cpu, torch.float32, E=3, D=16, counts=torch.tensor([3, 0, 5]), reps=1)
+    assert diff < 1e-6 and len(times) == 2
+    images_per_s, mfu = bench.train_throughput(cpu, "tiny", "ec", batch=4, reps=1, peak=1.0)
+    assert images_per_s > 0 and 0 < mfu < 1
+    rows = bench.post_training_cost(cpu, 4, 1, preset="tiny", Ts=(2,))
+    assert {name for _, name, _ in [k for k in rows if isinstance(k, tuple)]} == {p for p, _, _ in bench.POST_PATHS}
+
+
+# ----------------------------------------------------------------------------------------------
 # Latent mode: latents.py with diffusers' AutoencoderKL (a tiny random one built from a config)
 
 @pytest.fixture(scope="module")

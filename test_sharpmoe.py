@@ -106,12 +106,18 @@ def test_batched_dispatch_equals_per_token_loop(router, training):
     torch.testing.assert_close(out.reshape(B * N, D), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_matmul_equals_expert_loop():
+def test_ragged_experts_equal_grouped_mm_and_take_gradients_per_expert():
     torch.manual_seed(4)
     experts = sm.Experts(4, 16, 32)
     counts = torch.tensor([5, 0, 11, 3])                       # an empty expert included
-    x = torch.randn(int(counts.sum()), 16)
-    torch.testing.assert_close(experts.ragged(x, counts), experts.ragged_loop(x, counts))
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    offs = counts.cumsum(0).int()
+    h = F.gelu(F.grouped_mm(x, experts.w1, offs=offs) + experts.b1.repeat_interleave(counts, 0))
+    reference = F.grouped_mm(h, experts.w2, offs=offs) + experts.b2.repeat_interleave(counts, 0)
+    out = experts.ragged(x, counts)
+    torch.testing.assert_close(out, reference)
+    out.pow(2).sum().backward()
+    assert experts.w1.grad[1].abs().sum() == 0 and experts.w1.grad[2].abs().sum() > 0   # expert 1 saw no token
 
 
 @pytest.mark.parametrize("router", MOE_ROUTERS)

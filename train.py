@@ -315,6 +315,7 @@ def main(args):
     check_args(args)
     ckpt = resume_checkpoint(args)
     rank, world, device = setup_distributed()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (GPUs: TF32, as DiT)
 
     # 2. data
     data, held_out = make_datasets(**vars(args))
@@ -325,7 +326,8 @@ def main(args):
     model, ema = build_models(args, data, device)
     ema.requires_grad_(False).eval()
     cfg, n_moe = model.cfg, len(model.moe_layers())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=True if device.type == "cuda" else None)   # (GPUs: fused AdamW)
     step, saliency_mean = restore(ckpt, args.resume, model, ema, opt)
     opts = sharpmoe_loss(args, data, cfg, saliency_mean, device)
     T = args.trajectory_steps if opts else 1
