@@ -339,6 +339,8 @@ def ragged_paths(device, dtype, E=8, D=1024, counts=None, reps=10):
     output difference, and ms of each (forward + backward)."""
     torch.manual_seed(0)
     experts = sm.Experts(E, D, 4 * D).to(device, dtype)
+    with torch.no_grad():                                       # biases that differ per expert
+        experts.b1.normal_(std=0.1), experts.b2.normal_(std=0.1)
     counts = counts if counts is not None else torch.randint(256, 768, (E,))
     x = torch.randn(int(counts.sum()), D, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)

@@ -235,14 +235,26 @@ def test_the_cpu_recipe_fills_what_the_command_line_leaves_open_and_model_flags_
 # data.py
 
 def test_folder_data_center_crop_by_hand(tmp_path):
-    """A 128x64 image of 32 bands of 4 columns (band k has value 8 k): two BOX halvings give 32x16
-    with column k = 8 k exactly, no resize is left, and the center crop keeps columns 8..23."""
-    (tmp_path / "a").mkdir()
-    img = np.repeat(8 * np.arange(32, dtype=np.uint8), 4)[None, :, None].repeat(64, 0).repeat(3, 2)   # (64, 128, 3)
-    Image.fromarray(img).save(tmp_path / "a" / "x.png")
-    x, y = ImageFolder(str(tmp_path), 16)[0]
-    expected = (torch.arange(8, 24, dtype=torch.float32) * 8 / 127.5 - 1).expand(3, 16, 16)
-    assert y == 0 and torch.equal(x, expected)
+    """ADM's crop: BOX halvings while the short side is >= 2x the target, a BICUBIC resize of the
+    short side to the target, the center. Three images: 128x64 of 32 column bands (band k has
+    value 8 k): two halvings give 32x16 with column k = 8 k exactly, and the crop keeps columns
+    8..23; a portrait one with one bright row (BOX and BICUBIC differ there), cropped vertically;
+    one that needs a real BICUBIC resize (48x24 -> 32x16)."""
+    bands = np.repeat(8 * np.arange(32, dtype=np.uint8), 4)[None, :, None].repeat(64, 0).repeat(3, 2)   # (64, 128, 3)
+    portrait = np.zeros((128, 64, 3), np.uint8)
+    portrait[70] = 255
+    small = np.random.default_rng(0).integers(0, 256, (24, 48, 3), dtype=np.uint8)
+    for name, img in (("a", bands), ("b", portrait), ("c", small)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(img).save(tmp_path / name / "x.png")
+    data = ImageFolder(str(tmp_path), 16)
+    x = [data[i][0] for i in range(3)]
+    assert [data[i][1] for i in range(3)] == [0, 1, 2]
+    assert torch.equal(x[0], (torch.arange(8, 24, dtype=torch.float32) * 8 / 127.5 - 1).expand(3, 16, 16))
+    as_x = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    halved = Image.fromarray(portrait).reduce(2).reduce(2)      # (16 wide, 32 high): rows 8..23 kept
+    assert torch.equal(x[1], as_x(halved.crop((0, 8, 16, 24))))
+    assert torch.equal(x[2], as_x(Image.fromarray(small).resize((32, 16), Image.BICUBIC).crop((8, 0, 24, 16))))
 
 
 def test_position_saliency_is_the_flip_symmetric_mean():
@@ -711,8 +723,13 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     assert "| 2 | paper |" in table and "### 1 steps, reference view: position-controlled correlation" in table
     assert Image.open(tmp_path / "res" / "ec_budget.png").size[0] > 4 * 300
     monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(compare.Views, "measure", lambda *a, **k: pytest.fail("a snapshot was measured again"))
     again = compare.main(compare.parse_args(argv))["ec"]
     assert again["runs"]["paper"][2] == results["runs"]["paper"][2]   # measured once, cached
+    order = [(b, run, steps) for b, run, _, steps in compare.schedule(compare.parse_args(argv), compare.settings(
+        compare.parse_args(argv + ["--settings", "control-steps", "control-compute", "paper"])))]
+    assert order == [(1, "control", 1), (1, "paper", 1), (2, "control", 2), (2, "control", 4), (2, "control", 8),
+                     (2, "paper", 2)]                           # a run only goes forward: 4 waits for 2
     with pytest.raises(UserError, match="must be a pretrained ec or diffmoe model"):
         compare.parse_args(["--init", str(tmp_path / "dense" / "last.pt")])
 

@@ -109,6 +109,8 @@ def test_batched_dispatch_equals_per_token_loop(router, training):
 def test_ragged_experts_equal_grouped_mm_and_take_gradients_per_expert():
     torch.manual_seed(4)
     experts = sm.Experts(4, 16, 32)
+    with torch.no_grad():                                       # biases that differ per expert
+        experts.b1.normal_(), experts.b2.normal_()
     counts = torch.tensor([5, 0, 11, 3])                       # an empty expert included
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     offs = counts.cumsum(0).int()
@@ -182,6 +184,8 @@ def test_adaln_zero_every_block_is_the_identity_and_the_output_zero_at_init(rout
     h, c = torch.randn(4, model.cfg.num_tokens, model.cfg.width), torch.randn(4, model.cfg.width)
     for block in model.blocks:                                  # whatever the input and condition
         assert torch.equal(block(h, c)[0], h)
+    final = model.final_layer                                   # adaLN-Zero in the final layer too
+    assert final.adaLN_modulation[-1].weight.abs().max() == 0 and final.linear.weight.abs().max() == 0
 
 
 def test_loss_falls_on_builtin_data():
@@ -547,6 +551,8 @@ def test_saliency_quintiles_by_hand():
         assert sm.saliency_quintiles(count, saliency).tolist() == expected
     count = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 3], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])   # one token of Q1: mean 2, 1
     assert sm.saliency_quintiles(count, saliency).tolist() == [1.5, 1, 1, 1, 1]
+    shuffled = torch.tensor([[3., 9, 0, 6, 1, 8, 4, 2, 7, 5]])  # not its own inverse permutation
+    assert sm.saliency_quintiles(torch.arange(10)[None], shuffled).tolist() == [3.0, 3.5, 7.5, 5.5, 3.0]   # by hand
 
 
 # ----------------------------------------------------------------------------------------------
