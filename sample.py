@@ -6,8 +6,9 @@ the checkpoint; x0_hat is carried into the router of a SharpMoE model.
     python sample.py --ckpt runs/ec/last.pt                          # OUT/grid.png (250 steps, cfg 1.5)
     python sample.py --ckpt runs/ec/last.pt --num-samples 50000      # OUT/samples.npz (ADM layout)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/ec/last.pt --num-samples 50000
-    python sample.py --ckpt runs/ec/last.pt --report                 # routing along the generation
-    python sample.py --ckpt runs/ec/last.pt --report --real          # on real images, one trajectory
+    python sample.py --ckpt runs/ec/last.pt --report                 # routing along its own rollout
+    python sample.py --ckpt runs/ec/last.pt --report --real          # on held-out images, one noised trajectory
+    python sample.py --ckpt runs/ec/last.pt --report --reference runs/dense/last.pt   # a dense model's rollout
 """
 import argparse
 import json
@@ -45,6 +46,11 @@ def save_grid(images, path, nrow, labels=None):
 
 # ----------------------------------------------------------------------------------------------
 # The routing report
+
+VIEWS = {"real": "held-out images noised along one trajectory",
+         "generated": "its own rollout against its final images; counts can cause saliency here",
+         "reference": "a dense model's rollout, routed by this model, against the dense model's images"}
+
 
 def nearest_steps(ts):
     """Indices of the steps of ts (K,) nearest to sm.SHOW_T (the steps reports show), each once."""
@@ -107,7 +113,7 @@ def routing_report(model, x, shown, counts, ts, out, name):
         count_by_saliency_quintile={f"t={float(ts[k]):.2f}": [round(float(c), 4) for c in
                                                               sm.saliency_quintiles(counts[k], saliency)]
                                     for k in shown_steps})
-    print(f"\nrouting report ({name}): {model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}, "
+    print(f"\nrouting report ({name}: {VIEWS[name]}): {model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}, "
           f"{report['images']} images, expert count per token summed over {n_moe} MoE layers")
     print(f"{'step':>8}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   (Q1 least salient)  corr   pos")
     for (k, v), i in zip(report["count_by_saliency_quintile"].items(), shown_steps):
@@ -135,7 +141,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per forward, per rank")
     p.add_argument("--report", action="store_true", help="write the routing-versus-saliency report")
     p.add_argument("--report-images", type=int, default=32, help="images in the routing report")
-    p.add_argument("--real", action="store_true", help="report on real images (--data, or held-out built-in images)")
+    p.add_argument("--real", action="store_true", help="report on real held-out images noised along one trajectory "
+                   "(--data, or the checkpoint's held-out images)")
+    p.add_argument("--reference", default=None, help="report on the rollout of this dense checkpoint (same data): "
+                   "the states it samples, routed by --ckpt, against its final images")
     p.add_argument("--data", default=None, help="image or latent folder for --real (default: the held-out images "
                    "of the checkpoint's data)")
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one its "
@@ -147,7 +156,8 @@ def parse_args(argv=None):
                     (args.grid >= 0, f"--grid {args.grid} must be 0 (no grid) or more"),
                     (args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1"),
                     (args.report_images >= 1, f"--report-images {args.report_images} must be at least 1"),
-                    (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)")):
+                    (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)"),
+                    (not (args.real and args.reference), "--real and --reference are two reports; pass one")):
         if not ok:
             raise UserError(msg)
     check_out_folder(args.out, "--out")
@@ -228,10 +238,21 @@ def main(args):
             ts = torch.linspace(1, 0, args.steps + 1)[:-1]      # the sampler's steps
             counts = sm.routing_probe(model, x0, y, eps, ts.tolist())["counts"]
             routing_report(model, x0, pixels(x0), counts, ts, args.out, "real")
-        else:                                                   # view 2: along the model's own rollout
+        else:
             noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
-            x, ts, counts, _ = sm.rollout_routing(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
-            routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated")
+            noise, y = noise.to(device), y.to(device)
+            if args.reference:                                  # view 3: a dense model's rollout, routed by this one
+                ref, _ = load_model(args.reference, args.weights, device)
+                if ref.moe_layers() or (ref.cfg.in_channels, ref.cfg.image_size, ref.cfg.num_classes) != \
+                        (cfg.in_channels, cfg.image_size, cfg.num_classes):
+                    raise UserError(f"--reference {args.reference} must be a dense model of the same data "
+                                    "(train.py --router dense)")
+                x, ts, _, states = sm.rollout_routing(ref, noise, y, args.steps, args.cfg_scale)
+                routing_report(model, x, pixels(x), sm.routing_along(model, states, ts, y), ts.cpu(), args.out,
+                               "reference")
+            else:                                               # view 2: along the model's own rollout
+                x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.steps, args.cfg_scale)
+                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated")
     if world > 1:
         dist.destroy_process_group()
 

@@ -481,6 +481,11 @@ def test_sample_py_grid_npz_deterministic_and_report(tmp_path, sharp_ckpt):
     sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--steps", "3", "--grid", "0", "--report",
                                    "--real", "--report-images", "4", "--out", str(tmp_path / "a")]))
     assert json.load(open(tmp_path / "a" / "report_real.json"))["what"] == "real"
+    train.main(train_args(tmp_path / "dense", "--router", "dense", "--steps", "1"))
+    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--steps", "3", "--grid", "0", "--report", "--reference",
+                                   str(tmp_path / "dense" / "last.pt"), "--report-images", "4", "--out", str(tmp_path / "a")]))
+    reference = json.load(open(tmp_path / "a" / "report_reference.json"))
+    assert reference["what"] == "reference" and len(reference["position_controlled_correlation"]) == 3
 
 
 def test_sample_py_refuses_bad_input_in_one_line(tmp_path, sharp_ckpt):
