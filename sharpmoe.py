@@ -644,7 +644,7 @@ def trajectory_terms(model, cfg, x0, y, draw, opts):
         yield F.mse_loss(v.float(), draw.eps - x0), aux, A, expert_count(routes).detach()
 
 
-def routing_target(x0, cfg, opts):
+def saliency_target(x0, cfg, opts):
     """M of the loss, (B, N): the Laplacian saliency, less opts.saliency_mean when given."""
     M = laplacian_saliency(x0, cfg.patch_size)
     return M if opts.saliency_mean is None else M - opts.saliency_mean
@@ -658,7 +658,7 @@ def trajectory_loss(model, cfg, x0, y, draw, opts):
     T = draw.ts.shape[0]
     fm, aux, As, counts = zip(*trajectory_terms(model, cfg, x0, y, draw, opts))
     L_fm = sum(f / T for f in fm)
-    M = routing_target(x0, cfg, opts)
+    M = saliency_target(x0, cfg, opts)
     if As[0] is None:
         L_routing = L_fm * 0
     elif opts.scope == "trajectory":
@@ -734,14 +734,17 @@ def sample(model, noise, y, steps=250, cfg_scale=1.5):
 # ----------------------------------------------------------------------------------------------
 # Measuring routing: expert count against saliency, per denoising step
 #
-# The paper's key figure. Three views of it, because they answer different questions:
-#   routing_probe    real held-out images noised along one trajectory, x0_hat chained: no
-#                    feedback, but at early steps x_t says little about the image
-#   rollout_routing  along the sampler's own rollout, against the saliency of the generated
-#                    image (the paper's "along the generation rollout"); counts can cause saliency
-#   routing_along    given states (say, a dense model's rollout) routed by any model, x0_hat
-#                    chained from its own velocity: generation without the feedback
-# count_saliency turns any of them into the per-step correlations.
+# The paper's key figure is the expert count of each token against its Laplacian saliency, per
+# denoising step, "along the generation rollout": rollout_routing is that protocol. Two more views
+# of the same measure, because they answer other questions:
+#   rollout_routing  the sampler's own rollout against the saliency of the generated image (the
+#                    paper's view); here counts can cause saliency (more experts, more detail)
+#   routing_probe    real held-out images noised along one trajectory, x0_hat chained: no such
+#                    feedback, and a held-out loss beside it; but early x_t say little of the image
+#   routing_along    given states (a dense model's rollout) routed by any model, x0_hat chained
+#                    from its own velocity: generation without the feedback
+# count_saliency turns each into per-step correlations: the raw one (the paper's) and one
+# controlled for position (ours).
 
 def ranks(x):
     """Ranks along the last dim of (B, N), from 1; ties get their average rank."""
@@ -856,7 +859,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcon
     step's graph at a time. autocast wraps each forward; no_sync (DDP's) all but the last
     step's backward, so gradients are all-reduced once. Returns forward_backward's stats."""
     T = draw.ts.shape[0]
-    M = routing_target(x0, cfg, opts)
+    M = saliency_target(x0, cfg, opts)
     coupled = cfg.router != "tc" and opts.scope == "trajectory"
     if coupled:                                                 # (1)
         with torch.inference_mode(), autocast():
