@@ -222,34 +222,42 @@ def tables(results, base, args):
     view_of = lambda name, b, v: [r.get(v) for r in results["runs"].get(name, {}).get(b, [])]
     get = lambda name, b, v, fn: over_seeds(view_of(name, b, v), lambda r: None if r is None else fn(r))
     pre = results["pretrained"]
+    views = [v for v in VIEWS if v in pre]                      # (reference: only with --reference)
+    seeds = (f"seeds {', '.join(map(str, args.seeds))}; mean ± half the range over seeds" if len(args.seeds) > 1
+             else f"one seed ({args.seeds[0]})")
+    what = {"noised": f"{args.eval_images} held-out images noised along one trajectory",
+            "rollout": f"{args.rollout_images} samples of the checkpoint itself (counts can cause saliency here)",
+            "reference": f"the same noise and labels through a dense model's rollout, routed by the checkpoint"}
     lines = [f"# {base['router']}: the claim at {', '.join(map(str, budgets))} post-training steps", "",
              f"Made by `{results['command']}`. From `{base['path']}` ({base['router']}, recipe {args.recipe}, "
-             f"T = {args.trajectory_steps}, {args.weights} weights), seeds {', '.join(map(str, args.seeds))}; "
-             f"mean ± half the range over seeds. Views (compare.py's docstring): noised = {args.eval_images} "
-             f"held-out images, rollout = {args.rollout_images} samples of the checkpoint itself, reference = the "
-             f"same noise and labels through a dense model's rollout ({args.sample_steps} Euler steps, cfg 1). "
-             f"Early steps: t >= {sm.EARLY}. The oracle's held-out loss is not comparable: the true x0 reaches "
-             "the prediction through the routing.", "",
+             f"T = {args.trajectory_steps}, {args.weights} weights), {seeds}. Views: "
+             + "; ".join(f"{v} = {what[v]}" for v in views) + f" ({args.sample_steps} Euler steps, cfg 1). "
+             f"Early steps: t >= {sm.EARLY}."
+             + (" The oracle's held-out loss is not comparable: the true x0 reaches the prediction through the "
+                "routing." if "count-oracle" in names else ""), "",
              "## Summary: early-step position-controlled correlation, and held-out loss", "",
-             "| budget | run | " + " | ".join(f"early, {v}" for v in VIEWS) + " | held-out loss (mean over t) |",
-             "|---|---|" + "---|" * (len(VIEWS) + 1)]
-    lines.append("| 0 | pretrained | " + " | ".join(cell((early(pre[v]), 0), "+.3f") if v in pre else "-" for v in VIEWS)
+             "| budget | run | " + " | ".join(f"early, {v}" for v in views) + " | held-out loss (mean over t) |",
+             "|---|---|" + "---|" * (len(views) + 1)]
+    lines.append("| 0 | pretrained | " + " | ".join(cell((early(pre[v]), 0), "+.3f") for v in views)
                  + f" | {np.mean(pre['noised']['loss']):.4f} |")
     for b in budgets:
         for name in names:
             if b in results["runs"][name]:
-                lines.append(f"| {b} | {name} | " + " | ".join(cell(get(name, b, v, early), "+.3f") for v in VIEWS)
+                lines.append(f"| {b} | {name} | " + " | ".join(cell(get(name, b, v, early), "+.3f") for v in views)
                              + f" | {cell(get(name, b, 'noised', lambda r: float(np.mean(r['loss']))), '.4f')} |")
-    lines += ["", "## The gap to the oracle that x0_hat closes, early steps: (run - control-compute) / "
-              "(count-oracle - control-compute), position-controlled", "",
-              "| budget | view | oracle - control-compute | paper | count | count-nopos |", "|---|---|---|---|---|---|"]
+    gaps = []
     for b in budgets:
         for v in ("noised", "reference"):                       # (the oracle has no own rollout)
             ref, orc = get("control-compute", b, v, early), get("count-oracle", b, v, early)
             if ref and orc:
                 gap = orc[0] - ref[0]
                 frac = lambda n: (lambda m: "-" if m is None else f"{(m[0] - ref[0]) / gap:+.2f}")(get(n, b, v, early))
-                lines.append(f"| {b} | {v} | {gap:+.3f} | {frac('paper')} | {frac('count')} | {frac('count-nopos')} |")
+                gaps.append(f"| {b} | {v} | {gap:+.3f} | {frac('paper')} | {frac('count')} | {frac('count-nopos')} |")
+    if gaps:
+        lines += ["", "## The gap to the oracle that x0_hat closes, early steps: (run - control-compute) / "
+                  "(count-oracle - control-compute), position-controlled", "",
+                  "| budget | view | oracle - control-compute | paper | count | count-nopos |", "|---|---|---|---|---|---|",
+                  *gaps]
     for b in budgets:
         for v in VIEWS:
             rows = [(n, results["runs"][n][b]) for n in names if b in results["runs"][n] and results["runs"][n][b][0].get(v)]

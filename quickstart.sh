@@ -24,9 +24,9 @@ python compare.py --init $OUT/pretrain/last.pt --out $OUT --results $OUT/results
     --settings paper count control-steps control-compute --rollout-images 64
 
 # 3. samples (50 Euler steps here; the paper's 250 are sample.py's default) and the routing report
-#    of every run on the same held-out images and noise
+#    on the same held-out images and noise, for paper, count and control-steps (the control at 150)
 for run in paper count control; do
   ckpt=$OUT/ec/seed0/$run/step150.pt
   python sample.py --ckpt $ckpt --weights model --steps 50 --grid 40 --report --real
 done
-echo "quick start done: see $OUT/results/ec.md, $OUT/*/log.txt and $OUT/ec/seed0/*/samples/"
+echo "quick start done: see $OUT/results/ec.md, $OUT/pretrain/log.txt, $OUT/ec/seed0/*/log.txt and $OUT/ec/seed0/*/samples/"

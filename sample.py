@@ -95,7 +95,7 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     canvas.save(path)
 
 
-def routing_report(model, x, shown, counts, ts, out, name):
+def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     """Print and save (JSON, PNG) the routing-versus-saliency report of counts (K, B, N) at
     steps ts (K,). x: what the model denoises (pixels in [-1, 1], or latents), whose saliency is
     measured; shown: (B, H, W, 3) uint8, the images the figure shows (decoded, for latents)."""
@@ -105,7 +105,7 @@ def routing_report(model, x, shown, counts, ts, out, name):
     r = sm.count_saliency(counts, saliency)
     shown_steps = nearest_steps(ts)
     report = dict(
-        what=name, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(x.shape[0]),
+        what=name, checkpoint=ckpt, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(x.shape[0]),
         moe_layers=n_moe, t=[round(float(t), 4) for t in ts],
         rank_correlation=[round(float(c), 4) for c in r["corr"]],
         position_controlled_correlation=[round(float(c), 4) for c in r["corr_pos"]],
@@ -113,9 +113,10 @@ def routing_report(model, x, shown, counts, ts, out, name):
         count_by_saliency_quintile={f"t={float(ts[k]):.2f}": [round(float(c), 4) for c in
                                                               sm.saliency_quintiles(counts[k], saliency)]
                                     for k in shown_steps})
-    print(f"\nrouting report ({name}: {VIEWS[name]}): {model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}, "
-          f"{report['images']} images, expert count per token summed over {n_moe} MoE layers")
-    print(f"{'step':>8}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   (Q1 least salient)  corr   pos")
+    print(f"\nrouting report of {ckpt} ({model.cfg.router}{' + SharpMoE' if model.cfg.sharpmoe else ''}), {name}: "
+          f"{VIEWS[name]}; {report['images']} images, expert count per token summed over {n_moe} MoE layers, "
+          "by saliency quintile (Q1 least salient); rank correlation with saliency, raw and beyond position")
+    print(f"{'t':>8}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   corr   pos")
     for (k, v), i in zip(report["count_by_saliency_quintile"].items(), shown_steps):
         print(f"{k:>8}  " + "  ".join(f"{c:6.3f}" for c in v) + f"  {float(r['corr'][i]):+.2f} {float(r['corr_pos'][i]):+.2f}")
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
@@ -150,7 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one its "
                    "latent folder was made with, a local folder or Hugging Face id)")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples")
+    args.out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
     for ok, msg in ((args.steps >= 1, f"--steps {args.steps} must be at least 1"),
                     (args.num_samples >= 0, f"--num-samples {args.num_samples} must be 0 or more"),
                     (args.grid >= 0, f"--grid {args.grid} must be 0 (no grid) or more"),
@@ -237,7 +238,7 @@ def main(args):
                                 f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
             ts = torch.linspace(1, 0, args.steps + 1)[:-1]      # the sampler's steps
             counts = sm.routing_probe(model, x0, y, eps, ts.tolist())["counts"]
-            routing_report(model, x0, pixels(x0), counts, ts, args.out, "real")
+            routing_report(model, x0, pixels(x0), counts, ts, args.out, "real", args.ckpt)
         else:
             noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
             noise, y = noise.to(device), y.to(device)
@@ -249,10 +250,10 @@ def main(args):
                                     "(train.py --router dense)")
                 x, ts, _, states = sm.rollout_routing(ref, noise, y, args.steps, args.cfg_scale)
                 routing_report(model, x, pixels(x), sm.routing_along(model, states, ts, y), ts.cpu(), args.out,
-                               "reference")
+                               "reference", args.ckpt)
             else:                                               # view 2: along the model's own rollout
                 x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.steps, args.cfg_scale)
-                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated")
+                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated", args.ckpt)
     if world > 1:
         dist.destroy_process_group()
 

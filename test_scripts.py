@@ -59,6 +59,14 @@ def test_resume_continues_exactly(tmp_path, extra):
     model.load_state_dict(b["ema"])
 
 
+def test_resuming_a_finished_run_trains_and_logs_nothing(tmp_path, capsys):
+    train.main(train_args(tmp_path, "--steps", "2"))
+    log, ckpt = (tmp_path / "log.txt").read_text(), (tmp_path / "last.pt").read_bytes()
+    train.main(train_args(tmp_path, "--steps", "2", "--resume", str(tmp_path / "last.pt")))
+    assert (tmp_path / "log.txt").read_text() == log and (tmp_path / "last.pt").read_bytes() == ckpt
+    assert "is at step 2 of --steps 2; nothing to train" in capsys.readouterr().out
+
+
 RANK_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, {here!r})

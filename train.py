@@ -231,7 +231,7 @@ class Meter:
         self.device, self.sums, self.images, self.t0 = device, {}, 0, time.time()
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)   # 0: none
 
-    def add(self, step, stats, x0, patch_size, n_moe):
+    def add(self, step, stats, x0, patch_size):
         loss = stats["fm"] + stats["aux"]                      # the routing loss: non-finite only if these are
         finite = torch.isfinite(loss + stats["routing"])
         self.bad_step = torch.where(finite | (self.bad_step > 0), self.bad_step, step)
@@ -239,7 +239,6 @@ class Meter:
                    n=torch.ones((), device=self.device))
         if stats["counts"] is not None:                        # (T, B, N)
             saliency = sm.laplacian_saliency(x0.float(), patch_size)
-            row["experts/token"] = stats["counts"].float().mean() / n_moe
             row["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in stats["counts"]]).mean()
         self.sums = {k: self.sums.get(k, 0) + v for k, v in row.items()}
         self.images += x0.shape[0]
@@ -280,20 +279,28 @@ class RoutingProbe:
                 f"pos {row(r['corr_pos'].tolist(), '+.2f')} loss {row(r['loss'].tolist(), '.3f')}")
 
 
-def header(args, model, opts, data, world, device, step):
+def header(args, model, opts, data, world, device, step, ckpt):
     what = "SharpMoE post-training" if opts else "control continuation" if args.init else "pretraining"
-    resumed = f"; RESUMED from {args.resume} (lines above for steps after {step} came from the killed run)"
+    resumed = ""
+    if ckpt:                                                   # a run killed before its own --steps left lines
+        killed = ckpt.get("args", {}).get("steps", step) > step
+        resumed = f"; RESUMED from {args.resume}" + (f" (log lines above for steps after {step} came from the "
+                                                     "interrupted run)" if killed else "")
     return (f"{what}: {model.cfg.router} router, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
             f"{len(data)} images, {len(data.classes)} classes, world {world}, device {device}, step {step} of "
-            f"{args.steps}" + (resumed if args.resume else ""))
+            f"{args.steps}" + resumed)
 
 
-def log_line(step, mean, opts, n_moe):
-    msg = f"step {step:7d}  loss_fm {mean['loss_fm']:.4f}  aux {mean['aux']:.4f}"
+def log_line(step, mean, opts, cfg, n_moe):
+    """The means since the last line. (Training draws a fixed number of experts per token, so
+    only their agreement with saliency is logged; DiffMoE's capacity-predictor loss is aux.)"""
+    msg = f"step {step:7d}  loss_fm {mean['loss_fm']:.4f}"
+    if cfg.router == "diffmoe":
+        msg += f"  aux {mean['aux']:.4f}"
     if opts:
         msg += f"  loss_routing {mean['loss_routing']:.4f}"
     if n_moe:
-        msg += f"  experts/token {mean['experts/token']:.3f}  corr(count,saliency) batch {mean['corr']:+.3f}"
+        msg += f"  corr(count,saliency) batch {mean['corr']:+.3f}"
     return msg
 
 
@@ -329,6 +336,12 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=True if device.type == "cuda" else None)   # (GPUs: fused AdamW)
     step, saliency_mean = restore(ckpt, args.resume, model, ema, opt)
+    if step >= args.steps:                                     # a finished run: nothing to add to it
+        if rank == 0:
+            print(f"{args.resume} is at step {step} of --steps {args.steps}; nothing to train")
+        if world > 1:
+            dist.destroy_process_group()
+        return model, ema
     opts = sharpmoe_loss(args, data, cfg, saliency_mean, device)
     T = args.trajectory_steps if opts else 1
     raw = model                                                # unwrapped: state_dict, EMA, probe
@@ -336,7 +349,7 @@ def main(args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     log = open_log(args.out, rank)
-    log(header(args, raw, opts, data, world, device, step))
+    log(header(args, raw, opts, data, world, device, step, ckpt))
     probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and args.probe_images and rank == 0 else None
     if probe:
         log(f"step {step:7d}  {probe(raw)}  (before training)")
@@ -357,7 +370,7 @@ def main(args):
             opt.step()
             update_ema(ema, raw, args.ema)
             step += 1
-            meter.add(step, stats, x0, cfg.patch_size, n_moe)
+            meter.add(step, stats, x0, cfg.patch_size)
             pbar.update(1)
             logs = step % args.log_every == 0 or step == args.steps
             saves = step % args.ckpt_every == 0 or step == args.steps
@@ -365,7 +378,7 @@ def main(args):
                 meter.stop_if_diverged(world, rank, args)
             if logs:
                 mean = meter.read(world)
-                log(log_line(step, mean, opts, n_moe) + (f"  {probe(raw)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
+                log(log_line(step, mean, opts, cfg, n_moe) + (f"  {probe(raw)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
                 pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
             if saves and rank == 0:
                 save_checkpoint(os.path.join(args.out, "last.pt"), raw, ema, opt, step, args, data.classes,
