@@ -227,7 +227,7 @@ def tables(results, base, args):
              else f"one seed ({args.seeds[0]})")
     what = {"noised": f"{args.eval_images} held-out images noised along one trajectory",
             "rollout": f"{args.rollout_images} samples of the checkpoint itself (counts can cause saliency here)",
-            "reference": f"the same noise and labels through a dense model's rollout, routed by the checkpoint"}
+            "reference": "the same noise and labels through a dense model's rollout, routed by the checkpoint"}
     lines = [f"# {base['router']}: the claim at {', '.join(map(str, budgets))} post-training steps", "",
              f"Made by `{results['command']}`. From `{base['path']}` ({base['router']}, recipe {args.recipe}, "
              f"T = {args.trajectory_steps}, {args.weights} weights), {seeds}. Views: "

@@ -15,9 +15,8 @@ import fid
 import sharpmoe as sm
 import train
 from common import UserError, save_npz, to_uint8
-from data import (HELD_OUT, ImageFolder, LatentFolder, Shapes, Strokes, center_crop, decode, encode, load_vae, make_datasets,
+from data import (ImageFolder, LatentFolder, Strokes, center_crop, decode, encode, load_vae, make_datasets,
                   position_saliency)
-from test_sharpmoe import MOE_ROUTERS, batch, pretrained_like, tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -379,12 +378,18 @@ def test_a_truncated_image_is_one_line_before_any_work_in_fid(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot read image {tmp_path}/imgs/1.png (")
 
 
-def test_save_stats_prints_the_file_it_writes_and_takes_the_name_back(tmp_path):
+def random_inception_weights(tmp_path):
+    """A weight file of the FID network with random weights, named with its sha256 prefix."""
     torch.manual_seed(0)
     raw = tmp_path / "w.pth"
     torch.save(fid.FIDInception().state_dict(), raw)
     weights = tmp_path / f"w-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth"
     raw.rename(weights)
+    return weights
+
+
+def test_save_stats_prints_the_file_it_writes_and_takes_the_name_back(tmp_path):
+    weights = random_inception_weights(tmp_path)
     save_npz(str(tmp_path / "a.npz"), arr_0=np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
     run = lambda *a: subprocess.run([sys.executable, "fid.py", "--inception-weights", str(weights), *a],
                                     cwd=HERE, capture_output=True, text=True, timeout=300)
@@ -416,7 +421,7 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, monk
 def test_paths_a_run_records_resolve_from_another_folder(tmp_path, monkeypatch, tiny_vae):
     import shutil
     import latents
-    root = image_tree(tmp_path / "work" / "images", n=4, size=(32, 32))
+    image_tree(tmp_path / "work" / "images", n=4, size=(32, 32))
     shutil.copytree(tiny_vae, tmp_path / "work" / "vae")
     monkeypatch.chdir(tmp_path / "work")                      # every path below relative to here
     latents.main(latents.parse_args(["images", "lat", "--vae", "vae", "--image-size", "32", "--num-workers", "0"]))
@@ -597,7 +602,6 @@ def test_tf_bilinear_resize_by_hand():
 
 
 def test_npz_and_folder_inputs_round_trip(tmp_path):
-    import sample
     arr = np.random.default_rng(1).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     save_npz(str(tmp_path / "s.npz"), arr_0=arr)
     with np.load(tmp_path / "s.npz") as f:
@@ -617,7 +621,6 @@ def test_inception_score_and_sample_count_checks(tmp_path):
     assert fid.inception_score(np.zeros((100, 1008)))[0] == pytest.approx(1.0)
     peaked = np.eye(1008)[np.arange(100) % 10] * 50             # confident, 10 classes evenly
     assert fid.inception_score(peaked, splits=1)[0] == pytest.approx(10.0, rel=1e-3)
-    import sample
     save_npz(str(tmp_path / "one.npz"), arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(fid.UserError, match="FID needs at least 2"):
         fid.features(None, str(tmp_path / "one.npz"), 10, "cpu")
@@ -660,7 +663,6 @@ def test_is_logits_have_no_bias_and_statistics_match_numpy():
 
 
 def test_fid_inputs_are_checked_before_any_work(tmp_path):
-    import sample
     rng = np.random.default_rng(0)
     save_npz(str(tmp_path / "s.npz"), arr_0=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
     np.savez(tmp_path / "labels_only.npz", arr_1=np.arange(3))
@@ -683,12 +685,7 @@ def test_fid_inputs_are_checked_before_any_work(tmp_path):
 
 
 def test_fid_cli_end_to_end_with_random_weights(tmp_path):
-    import sample
-    torch.manual_seed(0)
-    raw = tmp_path / "w.pth"
-    torch.save(fid.FIDInception().state_dict(), raw)
-    weights = tmp_path / f"w-{hashlib.sha256(raw.read_bytes()).hexdigest()[:8]}.pth"
-    raw.rename(weights)
+    weights = random_inception_weights(tmp_path)
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         save_npz(str(tmp_path / f"{name}.npz"), arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
@@ -807,7 +804,6 @@ def latent_dir(tmp_path_factory, tiny_vae, image_folder):
 
 
 def test_extraction_encodes_each_image_and_its_mirror(latent_dir, tiny_vae, image_folder):
-    import latents
     lat, labels = np.load(latent_dir / "latents.npy"), np.load(latent_dir / "labels.npy")
     meta = json.load(open(latent_dir / "meta.json"))
     assert lat.shape == (20, 2, 4, 16, 16) and lat.dtype == np.float16 and labels.tolist() == [0] * 10 + [1] * 10
@@ -899,7 +895,6 @@ def test_latent_model_trains_post_trains_and_samples_decoded_images(tmp_path, la
 
 def test_broken_latent_folders_and_missing_diffusers_get_one_line(tmp_path, latent_dir, monkeypatch):
     import shutil
-    import latents
     broken = tmp_path / "broken"
     shutil.copytree(latent_dir, broken)
     (broken / "meta.json").unlink()
