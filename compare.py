@@ -387,7 +387,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", choices=("ema", "model"), default="model",
                    help="which weights are measured (model: what training produced; a short run's EMA lags)")
     p.add_argument("--eval-images", type=int, default=512, help="held-out images of the noised view")
-    p.add_argument("--rollout-images", type=int, default=256, help="samples of the rollout and reference views")
+    p.add_argument("--rollout-images", type=int, default=128, help="samples of the rollout and reference views")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the rollout and reference views")
     p.add_argument("--builtin-size", type=int, default=None, help="built-in training images (default: the base's)")
     p.add_argument("--num-workers", type=int, default=1, help="train.py's data-loader workers")
