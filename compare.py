@@ -52,6 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COUNT = ["--routing-mass", "count", "--routing-scope", "step", "--saliency-target", "residual", "--routing-weight", "0.01"]
 VIEWS = ("noised", "rollout", "reference")
 DATA_FLAGS = ("data", "val_data", "builtin", "builtin_size", "image_size")   # a base's data: every run's
+MIN_GAP = 0.05        # an oracle bound below this leaves nothing to close: no fraction is shown
 
 
 def settings(args):
@@ -251,11 +252,13 @@ def tables(results, base, args):
             ref, orc = get("control-compute", b, v, early), get("count-oracle", b, v, early)
             if ref and orc:
                 gap = orc[0] - ref[0]
-                frac = lambda n: (lambda m: "-" if m is None else f"{(m[0] - ref[0]) / gap:+.2f}")(get(n, b, v, early))
+                frac = lambda n: (lambda m: "-" if m is None else "(no gap)" if gap < MIN_GAP else
+                                  f"{(m[0] - ref[0]) / gap:+.2f}")(get(n, b, v, early))
                 gaps.append(f"| {b} | {v} | {gap:+.3f} | {frac('paper')} | {frac('count')} | {frac('count-nopos')} |")
     if gaps:
         lines += ["", "## The gap to the oracle that x0_hat closes, early steps: (run - control-compute) / "
-                  "(count-oracle - control-compute), position-controlled", "",
+                  f"(count-oracle - control-compute), position-controlled (shown where the gap is {MIN_GAP} or more)",
+                  "",
                   "| budget | view | oracle - control-compute | paper | count | count-nopos |", "|---|---|---|---|---|---|",
                   *gaps]
     for b in budgets:
@@ -324,9 +327,12 @@ def plot(panels, path, title, order):
         for v in (y0, y1):
             d.text((p * W + 4, Y(v) - 6), f"{v:+.2f}" if zero else f"{v:.3f}", fill="black", font=font)
         ticks = sorted({x for x, _ in pts})
-        for x in (ticks if len(ticks) <= 6 else [ticks[0], ticks[-1]]):
-            d.text((X(x) - 8, top + H - m - 6), f"{x:.3g}", fill="black", font=font)
-        d.text((left + (W - m) // 2 - 10, top + H - m + 6), xlabel, fill="black", font=font)
+        if len(ticks) > 6:                                      # a denoising axis: these t, within range
+            ticks = [t for t in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0) if min(ticks) - 0.03 <= t <= max(ticks) + 0.03]
+        for x in ticks:
+            d.line([X(x), top + H - m - 10, X(x), top + H - m - 6], fill="black")
+            d.text((X(x) - 8, top + H - m - 4), f"{x:.3g}", fill="black", font=font)
+        d.text((left + (W - m) // 2 - 10, top + H - m + 10), xlabel, fill="black", font=font)
         for label, line in lines.items():
             color = PALETTE[order.index(label) % len(PALETTE)]
             line = sorted(line)
