@@ -130,8 +130,8 @@ def center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
-class Held(Dataset):
-    """A dataset of items self.index; split_off holds some of them out."""
+class Folder(Dataset):
+    """What image and latent folders share: the items they serve (self.index) and the held-out split."""
 
     def split_off(self, n):
         """Hold out n items (every k-th, so all classes): removed from this set, returned as
@@ -170,7 +170,7 @@ def read_rgb(path):
         raise UserError(f"cannot read image {path} ({type(e).__name__}{': ' + says if says else ''}); fix or remove it")
 
 
-class ImageFolder(Held):
+class ImageFolder(Folder):
     """An ImageNet-style folder: DIR/CLASS/IMAGE, classes in sorted order (names starting with a
     dot are skipped). Items: (x, label), x (3, size, size) in [-1, 1], center-cropped. A class
     folder without images is refused unless allow_empty (its label would exist, with no data)."""
@@ -202,7 +202,7 @@ class ImageFolder(Held):
 # ----------------------------------------------------------------------------------------------
 # Latent folders (latent mode) and the VAE
 
-class LatentFolder(Held):
+class LatentFolder(Folder):
     """A latent folder written by latents.py. Items: (latents, label) with latents (2, C, s, s)
     float32, the image's and its mirror's (pairs=True, for training), or the image's (C, s, s)."""
 

@@ -212,7 +212,8 @@ class MLP(nn.Module):
 # Every router turns gates (B*N, E), a softmax over experts for each of the batch's B*N tokens,
 # into a selection mask (B*N, E). Fixed capacity (ec; diffmoe in training) also gives `slots`
 # (E, C): the token indices each expert processes, so that all experts run as one batched matmul.
-# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one matmul pair per expert.
+# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one matmul pair
+# per expert.
 
 def expert_choice_in_image(gates, B, capacity):
     """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
@@ -293,8 +294,8 @@ class SaliencyRouter(nn.Module):
 
 class MoE(nn.Module):
     """An MoE FFN: routing logits S = R_pre(h) [+ R_sal(x0_hat_emb)], gates = softmax_E(S), a
-    selection by the configured router (tc, ec, diffmoe), and the selected experts' outputs weighted by their gates.
-    forward returns (out, aux, (gates, mask)): the gates and selection are what the routing loss
+    selection by the configured router (tc, ec, diffmoe), and the selected experts' outputs
+    weighted by their gates. forward returns (out, aux, (gates, mask)): the gates and selection are what the routing loss
     and the expert counts are made of, each (B, N, E)."""
 
     def __init__(self, cfg):
@@ -304,7 +305,7 @@ class MoE(nn.Module):
         self.pre_router = nn.Linear(D, E, bias=False)           # R_pre
         self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None   # R_sal
         self.experts = Experts(E, D, int(D * cfg.mlp_ratio))
-        if self.router == "diffmoe":                              # DiffMoE's capacity predictor
+        if self.router == "diffmoe":                            # DiffMoE's capacity predictor
             self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
             self.register_buffer("thresholds", torch.zeros(E))
 
