@@ -68,8 +68,9 @@ def colormap(a):
 
 def report_figure(images, saliency, counts, ts, path, max_count, first="sample", rows=4):
     """Per image: the image, its saliency map, and expert-count maps at several t, on one fixed
-    colour scale from 0 to max_count (the most experts a token can get), so that figures of
-    different checkpoints compare; saliency is scaled per image."""
+    colour scale from 0 to max_count (report: 4x the mean count top_k per MoE layer; counts above
+    it take its colour), so that figures of one model's checkpoints compare; saliency is scaled
+    per image."""
     B, N = saliency.shape
     g, H = int(N ** 0.5), max(128, images.shape[1])             # tiles of at least 128 pixels
     picks = nearest_steps(ts)
@@ -91,7 +92,7 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     canvas.paste(Image.fromarray(colormap(np.linspace(0, 1, w)[None].repeat(12, 0))), (x0, y0))
     for v in (0, max_count // 2, max_count):
         draw.text((x0 + v / max_count * (w - 1) - 4, y0 + 13), str(v), fill="black", font=font)
-    draw.text((x0 + w + 10, y0), "experts per token", fill="black", font=font)
+    draw.text((x0 + w + 10, y0), "experts per token (4x the mean)", fill="black", font=font)
     canvas.save(path)
 
 
@@ -122,7 +123,7 @@ def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
-                  max_count=n_moe * model.cfg.num_experts, first="image" if name == "real" else "sample")
+                  max_count=4 * n_moe * model.cfg.top_k, first="image" if name == "real" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
     return report
 
