@@ -213,7 +213,7 @@ def over_seeds(rows, fn):
 def cell(ms, f):
     if ms is None:
         return "-"
-    return format(ms[0], f) + (f" ± {format(ms[1], f.lstrip('+'))}" if ms[1] else "")
+    return format(ms[0], f) + (f" ± {format(ms[1], f.lstrip('+'))}" if round(ms[1], int(f[-2])) else "")
 
 
 def tables(results, base, args):
@@ -375,6 +375,32 @@ def figures(results, base, args, prefix):
          "the oracle's loss left out: not comparable)", order)
 
 
+CLAIM_RUNS = ("control-steps", "control-compute", "paper", "count", "count-nopos", "count-oracle")
+
+
+def claim(folder):
+    """FOLDER/claim.md: every ROUTER.json in the folder as one table, README's: per router and
+    budget, the early-step correlation beyond position in each view, the last step's in the noised
+    view, and the held-out loss (2 decimals; mean ± half the range over seeds)."""
+    header = ["| router, steps | measure | pretrained | " + " | ".join(CLAIM_RUNS) + " |",
+              "|---|---|" + "---|" * (len(CLAIM_RUNS) + 1)]
+    rows = []
+    for path in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
+        with open(os.path.join(folder, path)) as f:
+            results = json.load(f)
+        router, pre = path[:-5], results["pretrained"]
+        measures = [(f"early, {v}", v, lambda r, v=v: early(r[v]), "+.2f") for v in VIEWS if v in pre]
+        measures += [(f"t = {sm.PROBE_T[-1]}, noised", "noised", lambda r: r["noised"]["corr_pos"][-1], "+.2f"),
+                     ("held-out loss", "noised", lambda r: float(np.mean(r["noised"]["loss"])), ".4f")]
+        for b in sorted({int(b) for by in results["runs"].values() for b in by}):
+            for label, v, fn, f in measures:
+                seeds = [[pre]] + [results["runs"].get(n, {}).get(str(b), []) for n in CLAIM_RUNS]
+                rows.append(f"| {router} {b} | {label} | " + " | ".join(
+                    cell(over_seeds([r for r in s if r.get(v)], fn), f) if s else "-" for s in seeds) + " |")
+    with open(os.path.join(folder, "claim.md"), "w") as f:
+        f.write("\n".join(header + rows) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -448,6 +474,8 @@ def main(args):
         figures(results, base, args, prefix)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}_steps.png, {prefix}_budget.png")
         out[base["router"]] = results
+    claim(args.results)
+    print(f"wrote {os.path.join(args.results, 'claim.md')} (every router's results there, one table)")
     return out
 
 

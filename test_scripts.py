@@ -732,6 +732,12 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     table = open(tmp_path / "res" / "ec.md").read()
     assert "| 2 | paper |" in table and "### 1 steps, reference view: position-controlled correlation" in table
     assert Image.open(tmp_path / "res" / "ec_budget.png").size[0] > 4 * 300
+    claim = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+             for line in open(tmp_path / "res" / "claim.md").read().splitlines()[2:]}
+    cols = ["pretrained", *compare.CLAIM_RUNS]
+    assert claim[("ec 2", "early, rollout")][cols.index("paper")] == f"{compare.early(paper['rollout']):+.2f}"
+    assert claim[("ec 1", "held-out loss")][cols.index("count-oracle")] == f"{np.mean(oracle['noised']['loss']):.4f}"
+    assert claim[("ec 1", "early, noised")][cols.index("count")] == "-"   # a setting that did not run
     monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(compare.Views, "measure", lambda *a, **k: pytest.fail("a snapshot was measured again"))
     again = compare.main(compare.parse_args(argv))["ec"]
