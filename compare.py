@@ -11,7 +11,9 @@ For each base (--init), seed and post-training budget B (--budgets), with train.
   control-compute   ordinary training for T B steps: the same compute      (--sharpmoe off)
   paper             SharpMoE, the paper's loss: gate mass, one KL on the trajectory sum, lambda 0.001
   count             SharpMoE, ours: soft-count mass, one KL per step, M less the data's mean
-                    saliency per position, lambda 0.01 (the best setting of the --sweep at 150 steps)
+                    saliency per position, lambda 0.01 (the best of the --sweep on EC at 150 steps: the
+                    highest correlation beyond position over all steps, noised view, within 5% of
+                    control-compute's held-out loss)
   count-oracle      `count` with R_sal given the true x0 in training and measurement: what R_sal can
                     learn to route by at this budget, the bound for x0_hat (not a method)
   count-nopos       `count` with R_sal reading x0_hat without the position embedding (budgets <= 600)
@@ -348,7 +350,8 @@ def plot(panels, path, title, order):
 
 def figures(results, base, args, prefix):
     """Two PNGs: position-controlled correlation per step in each view at the largest budget;
-    early-step correlation in each view and held-out loss against the budget."""
+    early-step correlation in each view and held-out loss against the budget (the runs measured
+    at two budgets or more)."""
     runs, pre = results["runs"], results["pretrained"]
     b = max([max(r) for r in runs.values() if r] or [0])
     mean = lambda seeds, fn: float(np.mean([fn(s) for s in seeds]))
@@ -368,7 +371,7 @@ def figures(results, base, args, prefix):
         key = "noised" if v == "loss" else v
         fn = (lambda r: float(np.mean(r["noised"]["loss"]))) if v == "loss" else (lambda r: early(r[v]))
         lines = {n: [(bb, mean(s, fn)) for bb, s in sorted(by.items()) if s and s[0].get(key)]
-                 for n, by in runs.items() if not (v == "loss" and "oracle" in n)}
+                 for n, by in runs.items() if len(by) > 1 and not (v == "loss" and "oracle" in n)}   # (no sweep)
         panels.append(("held-out loss (mean over t)" if v == "loss" else f"{v}: early steps, beyond position",
                        "post-training steps", {n: l for n, l in lines.items() if l}, True, v != "loss"))
     plot(panels, f"{prefix}_budget.png", f"{base['router']}: against the budget (mean over seeds; "
