@@ -382,15 +382,17 @@ CLAIM_RUNS = ("control-steps", "control-compute", "paper", "count", "count-nopos
 
 
 def claim(folder):
-    """FOLDER/claim.md: every ROUTER.json in the folder as one table, README's: per router and
-    budget, the early-step correlation beyond position in each view, the last step's in the noised
-    view, and the held-out loss (2 decimals; mean ± half the range over seeds)."""
+    """FOLDER/claim.md, README's table: every ROUTER.json that main wrote into the folder, per
+    router and budget: the early-step correlation beyond position in each view, the last step's in
+    the noised view, and the held-out loss (mean ± half the range over seeds)."""
     header = ["| router, steps | measure | pretrained | " + " | ".join(CLAIM_RUNS) + " |",
               "|---|---|" + "---|" * (len(CLAIM_RUNS) + 1)]
     rows = []
     for path in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
         with open(os.path.join(folder, path)) as f:
             results = json.load(f)
+        if not isinstance(results, dict) or not {"pretrained", "runs"} <= set(results):
+            continue                                            # not one of ours
         router, pre = path[:-5], results["pretrained"]
         measures = [(f"early, {v}", v, lambda r, v=v: early(r[v]), "+.2f") for v in VIEWS if v in pre]
         measures += [(f"t = {sm.PROBE_T[-1]}, noised", "noised", lambda r: r["noised"]["corr_pos"][-1], "+.2f"),
