@@ -385,7 +385,13 @@ def claim(folder):
     """FOLDER/claim.md, README's table: every ROUTER.json that main wrote into the folder, per
     router and budget: the early-step correlation beyond position in each view, the last step's in
     the noised view, and the held-out loss (mean ± half the range over seeds)."""
-    header = ["| router, steps | measure | pretrained | " + " | ".join(CLAIM_RUNS) + " |",
+    header = ["# The claim, every router measured here", "",
+              f"Mean ± half the range over seeds. early, VIEW: the position-controlled correlation of "
+              f"expert count with saliency in that view, mean over t >= {sm.EARLY}; t = {sm.PROBE_T[-1]}: the "
+              "last noised step; held-out loss: the noised view's flow-matching loss, mean over t (the "
+              "oracle's is not comparable: the true x0 reaches the prediction through the routing). The "
+              "views and runs: compare.py's docstring; every step: ROUTER.md.", "",
+              "| router, steps | measure | pretrained | " + " | ".join(CLAIM_RUNS) + " |",
               "|---|---|" + "---|" * (len(CLAIM_RUNS) + 1)]
     rows = []
     for path in sorted(f for f in os.listdir(folder) if f.endswith(".json")):

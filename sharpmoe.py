@@ -295,8 +295,8 @@ class SaliencyRouter(nn.Module):
 class MoE(nn.Module):
     """An MoE FFN: routing logits S = R_pre(h) [+ R_sal(x0_hat_emb)], gates = softmax_E(S), a
     selection by the configured router (tc, ec, diffmoe), and the selected experts' outputs
-    weighted by their gates. forward returns (out, aux, (gates, mask)): the gates and selection are what the routing loss
-    and the expert counts are made of, each (B, N, E)."""
+    weighted by their gates. forward returns (out, aux, (gates, mask)), each (B, N, E): what the
+    routing loss and the expert counts are made of."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -733,7 +733,7 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     assert "| 2 | paper |" in table and "### 1 steps, reference view: position-controlled correlation" in table
     assert Image.open(tmp_path / "res" / "ec_budget.png").size[0] > 4 * 300
     claim = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
-             for line in open(tmp_path / "res" / "claim.md").read().splitlines()[2:]}
+             for line in open(tmp_path / "res" / "claim.md").read().splitlines() if line.startswith("| ec ")}
     cols = ["pretrained", *compare.CLAIM_RUNS]
     assert claim[("ec 2", "early, rollout")][cols.index("paper")] == f"{compare.early(paper['rollout']):+.2f}"
     assert claim[("ec 1", "held-out loss")][cols.index("count-oracle")] == f"{np.mean(oracle['noised']['loss']):.4f}"
