@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import sharpmoe as sm
 from common import RECIPES, HelpFormatter, UserError, check_out_folder, load_checkpoint, load_model, noise_and_labels, run_cli
-from data import make_datasets, probe_batch
+from data import make_datasets, probe_batch, spread_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COUNT = ["--routing-mass", "count", "--routing-scope", "step", "--saliency-target", "residual", "--routing-weight", "0.01"]
@@ -134,8 +134,10 @@ class Views:
     held-out images and noise; rollout noise and labels; the reference's states and images."""
 
     def __init__(self, args, base_args, cfg):
-        _, held_out = make_datasets(**{k: base_args[k] for k in DATA_FLAGS if k in base_args})
+        train_set, held_out = make_datasets(**{k: base_args[k] for k in DATA_FLAGS if k in base_args})
         self.x0, self.y, self.eps = probe_batch(held_out, args.eval_images)
+        x0, y = spread_batch(train_set, 128)                   # DiffMoE's compute calibration
+        self.calibration = (x0, y, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
         self.noise, self.labels = noise_and_labels(range(args.rollout_images), cfg, seed=0)
         self.steps, self.reference = args.sample_steps, None
         if args.reference:
@@ -149,21 +151,47 @@ class Views:
             self.reference = (states, ts, x)
 
     def measure(self, model, oracle=False):
-        """{view: {t, corr, corr_pos[, loss, quintiles]}}, per denoising step. The oracle routes
-        with the true x0 (noised) or the reference's image (reference); it has no own rollout."""
+        """{view: {t, corr, corr_pos, compute[, loss, quintiles]}}, per denoising step; compute:
+        experts per token per MoE layer. The oracle routes with the true x0 (noised) or the
+        reference's image (reference); it has no own rollout."""
         r = sm.routing_probe(model, self.x0, self.y, self.eps, oracle=oracle)
         M = sm.laplacian_saliency(self.x0, model.cfg.patch_size)
         early = r["counts"][torch.tensor(sm.PROBE_T) >= sm.EARLY].float().mean(0)   # (B, N)
         out = dict(noised=dict(t=list(sm.PROBE_T), corr=r["corr"].tolist(), corr_pos=r["corr_pos"].tolist(),
-                               loss=r["loss"].tolist(), quintiles=sm.saliency_quintiles(early, M).tolist()))
+                               compute=compute(r["counts"], model), loss=r["loss"].tolist(),
+                               quintiles=sm.saliency_quintiles(early, M).tolist()))
         if not oracle:
             x, ts, counts, _ = sm.rollout_routing(model, self.noise, self.labels, self.steps)
-            out["rollout"] = dict(t=ts.tolist(), **listed(sm.count_saliency(counts, saliency(x, model))))
+            out["rollout"] = dict(t=ts.tolist(), compute=compute(counts, model),
+                                  **listed(sm.count_saliency(counts, saliency(x, model))))
         if self.reference is not None:
             states, ts, x = self.reference
             counts = sm.routing_along(model, states, ts, self.labels, x if oracle else None)
-            out["reference"] = dict(t=ts.tolist(), **listed(sm.count_saliency(counts, saliency(x, model))))
+            out["reference"] = dict(t=ts.tolist(), compute=compute(counts, model),
+                                    **listed(sm.count_saliency(counts, saliency(x, model))))
         return out
+
+    def calibrate(self, model, target, oracle=False, iterations=12):
+        """DiffMoE's compute is a free variable at inference; the paper compares matched
+        activated parameters. Shift every threshold by one offset in logit space (DiffMoE's
+        capacity knob, ours: bisection) until noised training images (x0_hat chained, as the
+        noised view) get `target` experts per token per MoE layer on average. Returns the
+        offset."""
+        layers = model.moe_layers()
+        logits = [torch.logit(m.thresholds.clamp(1e-6, 1 - 1e-6)) for m in layers]
+        lo, hi = -12.0, 12.0                                    # higher offset, fewer experts
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            for m, l in zip(layers, logits):
+                m.thresholds.copy_(torch.sigmoid(l + mid))
+            counts = sm.routing_probe(model, *self.calibration, oracle=oracle)["counts"]
+            lo, hi = (mid, hi) if counts.float().mean() / len(layers) > target else (lo, mid)
+        return mid
+
+
+def compute(counts, model):
+    """Experts per token per MoE layer at each step of counts (K, B, N)."""
+    return (counts.float().mean((1, 2)) / len(model.moe_layers())).tolist()
 
 
 def saliency(x, model):
@@ -178,13 +206,16 @@ def measured(args, views, ckpt, oracle=False):
     """views.measure of a checkpoint, cached beside it as .json (delete the file to measure again)."""
     cache = os.path.splitext(ckpt)[0] + ".json"
     key = dict(eval_images=args.eval_images, rollout_images=args.rollout_images, sample_steps=args.sample_steps,
-               weights=args.weights, reference=os.path.abspath(args.reference) if args.reference else None)
+               weights=args.weights, reference=os.path.abspath(args.reference) if args.reference else None,
+               compute=args.compute)
     if os.path.exists(cache):
         with open(cache) as f:
             saved = json.load(f)
         if saved["key"] == key:
             return saved["views"]
     model, _ = load_model(ckpt, args.weights)
+    if model.cfg.router == "diffmoe" and args.compute:
+        views.calibrate(model, args.compute, oracle)
     result = views.measure(model, oracle)
     with open(cache + ".tmp", "w") as f:
         json.dump(dict(key=key, views=result), f)
@@ -236,18 +267,24 @@ def tables(results, base, args):
              f"T = {args.trajectory_steps}, {args.weights} weights), {seeds}. Views: "
              + "; ".join(f"{v} = {what[v]}" for v in views) + f" ({args.sample_steps} Euler steps, cfg 1). "
              f"Early steps: t >= {sm.EARLY}."
+             + (f" Compute matched: every checkpoint's thresholds calibrated to {args.compute:g} experts per token "
+                "per MoE layer on noised training images (compare.Views.calibrate)."
+                if base["router"] == "diffmoe" and args.compute else "")
              + (" The oracle's held-out loss is not comparable: the true x0 reaches the prediction through the "
                 "routing." if "count-oracle" in names else ""), "",
              "## Summary: early-step position-controlled correlation, and held-out loss", "",
-             "| budget | run | " + " | ".join(f"early, {v}" for v in views) + " | held-out loss (mean over t) |",
-             "|---|---|" + "---|" * (len(views) + 1)]
+             "| budget | run | " + " | ".join(f"early, {v}" for v in views) + " | held-out loss (mean over t) | "
+             "experts per token per layer (noised, mean over t) |",
+             "|---|---|" + "---|" * (len(views) + 2)]
+    mean_of = lambda key: lambda r: float(np.mean(r[key])) if key in r else None
     lines.append("| 0 | pretrained | " + " | ".join(cell((early(pre[v]), 0), "+.3f") for v in views)
-                 + f" | {np.mean(pre['noised']['loss']):.4f} |")
+                 + f" | {np.mean(pre['noised']['loss']):.4f} | {cell(over_seeds([pre['noised']], mean_of('compute')), '.2f')} |")
     for b in budgets:
         for name in names:
             if b in results["runs"][name]:
                 lines.append(f"| {b} | {name} | " + " | ".join(cell(get(name, b, v, early), "+.3f") for v in views)
-                             + f" | {cell(get(name, b, 'noised', lambda r: float(np.mean(r['loss']))), '.4f')} |")
+                             + f" | {cell(get(name, b, 'noised', mean_of('loss')), '.4f')}"
+                             + f" | {cell(get(name, b, 'noised', mean_of('compute')), '.2f')} |")
     gaps = []
     for b in budgets:
         for v in ("noised", "reference"):                       # (the oracle has no own rollout)
@@ -270,13 +307,17 @@ def tables(results, base, args):
                 continue
             ts = rows[0][1][0][v]["t"]
             cols = at_show_t(ts)
-            for key, title in (("corr", "raw rank correlation"), ("corr_pos", "position-controlled correlation")):
+            for key, title, f in (("corr", "raw rank correlation", "+.2f"),
+                                  ("corr_pos", "position-controlled correlation", "+.2f"),
+                                  ("compute", "experts per token per MoE layer", ".2f")):
+                if key not in rows[0][1][0][v]:                 # (measured before compute was recorded)
+                    continue
                 lines += ["", f"### {b} steps, {v} view: {title}", "",
                           "| run | " + " | ".join(f"t={ts[c]:.3g}" for c in cols) + " |", "|---|" + "---|" * len(cols)]
                 if v in pre:
-                    lines.append("| pretrained | " + " | ".join(f"{pre[v][key][c]:+.2f}" for c in cols) + " |")
+                    lines.append("| pretrained | " + " | ".join(format(pre[v][key][c], f) for c in cols) + " |")
                 for n, seeds in rows:
-                    lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r[v][key][c]), "+.2f")
+                    lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r[v][key][c]), f)
                                                          for c in cols) + " |")
         rows = [(n, results["runs"][n][b]) for n in names if b in results["runs"][n]]
         ts = pre["noised"]["t"]
@@ -437,6 +478,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=150, help="train.py's log and checkpoint interval")
     p.add_argument("--probe-images", type=int, default=256, help="held-out images of each run's logged probe")
     p.add_argument("--measure-only", action="store_true", help="train nothing: measure the snapshots there are")
+    p.add_argument("--compute", type=float, default=1.0, help="DiffMoE: calibrate every checkpoint's thresholds to "
+                   "this many experts per token per MoE layer (matched compute; the paper's activated parameters: "
+                   "1); 0: as trained")
     args = p.parse_args(argv)
     check_out_folder(args.out, "--out"), check_out_folder(args.results, "--results")
     args.budgets = sorted(set(args.budgets))

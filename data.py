@@ -327,6 +327,15 @@ def probe_batch(held_out, n, seed=0, device="cpu"):
     return x0.to(device), torch.tensor([y for _, y in items], device=device), eps.to(device)
 
 
+def spread_batch(data, n, device="cpu"):
+    """n items (x0, y) at evenly spread indices of a set (all classes of a class-sorted folder);
+    a latent pair gives the image's latents."""
+    idx = np.linspace(0, len(data) - 1, min(n, len(data))).round().astype(int)
+    items = [data[int(i)] for i in idx]
+    x0 = torch.stack([x[0] if x.dim() == 4 else x for x, _ in items])
+    return x0.to(device), torch.tensor([y for _, y in items], device=device)
+
+
 def position_saliency(data, patch_size, n=2048, batch=256):
     """The training data's mean Laplacian saliency at each token position, (N,), over n images
     spread over the set, each as training sees it both ways (pixels and their flip, or a latent

@@ -1,13 +1,16 @@
 """
 FID and Inception Score with the standard network (TF's inception-2015-12-05, as ported by
-pytorch-fid: pt_inception-2015-12-05-6726825d.pth), in pure torch.
+pytorch-fid: pt_inception-2015-12-05-6726825d.pth), in pure torch; or, with --classifier, the
+CPU-scale measure: the Fréchet distance in the features of a small classifier of the training
+data (classifier.py) and its accuracy on the samples' labels, with the measure's noise floor.
 
     python fid.py runs/ec/samples/samples.npz REF.npz            # FID against REF, IS of the samples
     python fid.py IMAGE_FOLDER --save-stats ref_stats.npz         # write mu / sigma for later
+    python fid.py runs/ec/samples/samples.npz --classifier runs/classifier/classifier.pt
 
-Inputs: an .npz with arr_0 (N, H, W, 3) uint8 (read in batches), or a folder of images. A
-reference .npz that carries mu and sigma (pytorch-fid's --save-stats, ADM's reference batches)
-is used as stored; otherwise its arr_0 images are measured.
+Inputs: an .npz with arr_0 (N, H, W, 3) uint8 (read in batches; arr_1, the labels, if any), or a
+folder of images. A reference .npz that carries mu and sigma (pytorch-fid's --save-stats, ADM's
+reference batches) is used as stored; otherwise its arr_0 images are measured.
 
 Preprocessing is the ADM evaluator's graph: TF1 bilinear resize to 299 (align_corners=False,
 no half-pixel offset), then (x - 128) / 128. Features: pool3 (2048) for FID, the 1008 logits
@@ -22,26 +25,19 @@ import argparse
 import hashlib
 import os
 import re
-import sys
-import warnings
 import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from common import HelpFormatter, UserError, run_cli
+from data import IMAGE_EXTENSIONS, read_rgb
+from quality import frechet_distance, load_classifier, sample_quality, statistics
+
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, without a traceback. (fid.py imports nothing of this
-    project, so that it can be copied and used alone; common.UserError is the project's.)"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,29 +259,10 @@ def image_files(folder):
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
-def read_rgb(path):
-    """An image file as 8-bit RGB (H, W, 3), fully decoded, whatever its mode: 16-bit grayscale
-    (I;16*) and 32-bit integer (I, holding 16-bit values) scaled from 0..65535, float (F) from
-    [0, 1] (Pillow's convert("RGB") clips them to white). The same rules as the project's
-    data.read_rgb (fid.py imports nothing of the project; a test keeps the two equal)."""
-    try:
-        img = Image.open(path)
-        img.load()                                              # a truncated file fails here
-        if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-            a, top = np.asarray(img, dtype=np.float64), 1.0 if img.mode == "F" else 65535.0
-            if a.min() < 0 or a.max() > top:
-                raise ValueError(f"mode {img.mode} with values outside [0, {top:g}]")
-            img = Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
-        return np.asarray(img.convert("RGB"))
-    except Exception as e:
-        says = str(e).splitlines()[0][:80] if str(e) and str(path) not in str(e) else ""
-        raise UserError(f"cannot read image {path} ({type(e).__name__}{': ' + says if says else ''}); fix or remove it")
-
-
 def folder_batches(folder, batch_size):
     files = image_files(folder)
     for start in range(0, len(files), batch_size):
-        yield np.stack([read_rgb(path) for path in files[start:start + batch_size]])
+        yield np.stack([np.asarray(read_rgb(path)) for path in files[start:start + batch_size]])
 
 
 def npz_path(path):
@@ -301,7 +278,7 @@ def check_input(path, role):
     if os.path.isdir(path):                                     # every image decoded once, before any work
         sizes = {}
         for f in tqdm(image_files(path), desc=f"checking {os.path.basename(path)}", leave=False):
-            sizes.setdefault(read_rgb(f).shape[1::-1], f)
+            sizes.setdefault(read_rgb(f).size, f)
         if len(sizes) > 1:
             (a, fa), (b, fb) = list(sizes.items())[:2]
             raise UserError(f"images in {path} differ in size ({a[0]}x{a[1]} {fa}, {b[0]}x{b[1]} {fb}); "
@@ -340,37 +317,6 @@ def features(net, path, batch_size, device):
     return torch.cat(pools).numpy(), torch.cat(logits).numpy()
 
 
-def statistics(feats, chunk=4096):
-    """mu and sigma, in float64, of (N, D) features, accumulated in chunks (no float64 copy of
-    all of them: 50,000 x 2048 features stay at 400 MB)."""
-    n, d = feats.shape
-    if n < d:
-        warnings.warn(f"{n} samples for {d} feature dimensions: the covariance "
-                      "is singular and FID is biased upwards; use 50,000 samples for numbers comparable with papers")
-    mu = feats.mean(0, dtype=np.float64)
-    sigma = np.zeros((d, d))
-    for start in range(0, n, chunk):
-        x = feats[start:start + chunk].astype(np.float64) - mu
-        sigma += x.T @ x
-    return mu, sigma / (n - 1)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64. tr (S1 S2)^(1/2) =
-    tr (S1^(1/2) S2 S1^(1/2))^(1/2), a symmetric PSD matrix: two eigendecompositions, exact,
-    no scipy.linalg.sqrtm (whose `disp` argument SciPy removed)."""
-    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    s1, s2 = np.atleast_2d(s1), np.atleast_2d(s2)
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise UserError(f"the two statistics have different dimensions ({mu1.shape[0]} and {mu2.shape[0]}); "
-                        "both must come from this Inception network's 2048 pool3 features")
-    w, V = np.linalg.eigh(s1)
-    root1 = (V * np.sqrt(np.clip(w, 0, None))) @ V.T            # S1^(1/2)
-    middle = root1 @ s2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` splits of the N images at
     i * N // splits, as improved-GAN and torch-fidelity split them."""
@@ -392,6 +338,32 @@ def reference_stats(net, path, batch_size, device):
     return statistics(features(net, path, batch_size, device)[0])
 
 
+def npz_labels(path):
+    """arr_1 of an .npz (the labels sample.py writes), or None."""
+    if os.path.isdir(path):
+        return None
+    with np.load(path) as f:
+        return f["arr_1"] if "arr_1" in f.files else None
+
+
+def classifier_quality(args):
+    """--classifier: the Fréchet distance of the samples to the classifier's held-out reference
+    in its features, the noise floor at the same count, and the accuracy on arr_1's labels."""
+    if args.ref or args.save_stats:
+        raise UserError("--classifier measures against the held-out reference stored with the classifier; "
+                        "drop REF and --save-stats")
+    clf, ckpt = load_classifier(args.classifier)
+    batches = folder_batches(args.samples, 1000) if os.path.isdir(args.samples) else npz_batches(args.samples, 1000)
+    images, labels = np.concatenate(list(batches)), npz_labels(args.samples)
+    if labels is not None and (labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= len(ckpt["classes"])):
+        raise UserError(f"{args.samples}: arr_1 is not one label in 0..{len(ckpt['classes']) - 1} per image")
+    q = sample_quality(clf, ckpt, images, labels)
+    acc = "no labels (arr_1)" if q["accuracy"] is None else f"accuracy {q['accuracy']:.3f}"
+    print(f"{args.samples}: {q['n']} images; classifier Fréchet distance {q['fd']:.3f} (noise floor "
+          f"{q['floor']:.3f}: as many real held-out images), {acc} (real held-out images: {ckpt['accuracy']:.3f})")
+    return q
+
+
 def main(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
@@ -401,6 +373,8 @@ def main(args):
         if os.path.isdir(args.save_stats) or not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
             raise UserError(f"--save-stats {args.save_stats}: not a file in an existing folder")
     check_input(args.samples, "samples")                        # both inputs, before any work
+    if args.classifier:
+        return classifier_quality(args)
     if args.ref:
         check_input(args.ref, "reference")
     torch.backends.cuda.matmul.allow_tf32 = False               # reference numbers: full fp32
@@ -419,15 +393,6 @@ def main(args):
         print(f"FID {fid:.4f}  ({args.samples} against {args.ref})")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's lines and shows each flag's default."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("samples", help=".npz with arr_0 (N, H, W, 3) uint8, or an image folder")
@@ -436,7 +401,6 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward")
     p.add_argument("--save-stats", default=None, help="write mu / sigma of SAMPLES to this .npz (.npz is added "
                    "to a name without it)")
-    try:
-        main(p.parse_args())
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    p.add_argument("--classifier", default=None, help="classifier.py's checkpoint: measure in its features "
+                   "against its held-out reference, instead of Inception's (CPU-scale data)")
+    run_cli(main, p.parse_args)

@@ -182,6 +182,10 @@ def main(args):
     rank, world, device = setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
+    oracle = bool(train_args.get("oracle")) and cfg.sharpmoe   # trained to route with the true x0
+    if args.report and oracle and not (args.real or args.reference):
+        raise UserError(f"{args.ckpt} routes with the true image (--oracle); its own rollout has none: "
+                        "report with --real or --reference")
     os.makedirs(args.out, exist_ok=True)
     decode_latents = lambda x: x                                # pixel mode: the model's x is the image
     if train_args.get("latent"):                                # latent mode: decode with the data's VAE
@@ -238,7 +242,7 @@ def main(args):
                 raise UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(x0.shape[1:])}; "
                                 f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
             ts = torch.linspace(1, 0, args.steps + 1)[:-1]      # the sampler's steps
-            counts = sm.routing_probe(model, x0, y, eps, ts.tolist())["counts"]
+            counts = sm.routing_probe(model, x0, y, eps, ts.tolist(), oracle=oracle)["counts"]
             routing_report(model, x0, pixels(x0), counts, ts, args.out, "real", args.ckpt)
         else:
             noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
@@ -250,7 +254,8 @@ def main(args):
                     raise UserError(f"--reference {args.reference} must be a dense model of the same data "
                                     "(train.py --router dense)")
                 x, ts, _, states = sm.rollout_routing(ref, noise, y, args.steps, args.cfg_scale)
-                routing_report(model, x, pixels(x), sm.routing_along(model, states, ts, y), ts.cpu(), args.out,
+                counts = sm.routing_along(model, states, ts, y, x if oracle else None)
+                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out,
                                "reference", args.ckpt)
             else:                                               # view 2: along the model's own rollout
                 x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.steps, args.cfg_scale)

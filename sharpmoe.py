@@ -83,6 +83,7 @@ class Config:
     top_k: int = 1                # experts per token on average (paper: about 1)
     moe_every: int = 2            # an MoE layer in every moe_every-th block (paper: every other)
     threshold_decay: float = 0.95  # DiffMoE: EMA of the per-expert thresholds
+    balance_loss: float = 0.01    # TC: alpha of the load-balancing loss (DiffMoE's, DiT-MoE's default)
     sharpmoe: bool = False        # the model has the saliency routers R_sal
     sal_hidden: int = 64          # R_sal hidden width (our choice)
     sal_position: bool = True     # R_sal's input: x0_hat's patch embedding + the position embedding (ours)
@@ -136,6 +137,11 @@ def config_diff(a, b):
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers and embedders
+
+def fp32_or_wider(x):
+    """x in float32 if it is in a half type (bf16 autocast); float64 stays float64."""
+    return x.float() if x.element_size() < 4 else x
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)   # (B, N, D) by (B, D)
@@ -295,40 +301,44 @@ class SaliencyRouter(nn.Module):
 class MoE(nn.Module):
     """An MoE FFN: routing logits S = R_pre(h) [+ R_sal(x0_hat_emb)], gates = softmax_E(S), a
     selection by the configured router (tc, ec, diffmoe), and the selected experts' outputs
-    weighted by their gates. forward returns (out, aux, (gates, mask)), each (B, N, E): what the
-    routing loss and the expert counts are made of."""
+    weighted by their gates. forward returns out (B, N, D), aux (a scalar: TC's balance loss,
+    DiffMoE's capacity-predictor BCE, else 0) and (gates, mask), each (B, N, E): what the routing
+    loss and the expert counts are made of."""
 
     def __init__(self, cfg):
         super().__init__()
         D, E = cfg.width, cfg.num_experts
-        self.router, self.E, self.k, self.decay = cfg.router, E, cfg.top_k, cfg.threshold_decay
+        self.router, self.E, self.k = cfg.router, E, cfg.top_k
+        self.decay, self.balance = cfg.threshold_decay, cfg.balance_loss
         self.pre_router = nn.Linear(D, E, bias=False)           # R_pre
         self.sal_router = SaliencyRouter(D, cfg.sal_hidden, E) if cfg.sharpmoe else None   # R_sal
         self.experts = Experts(E, D, int(D * cfg.mlp_ratio))
         if self.router == "diffmoe":                            # DiffMoE's capacity predictor
             self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
             self.register_buffer("thresholds", torch.zeros(E))
+            self.pool_scores = []       # this iteration's predictor scores, for update_thresholds
 
     def forward(self, x, x0_hat_emb=None):
         B, N, D = x.shape
         S = self.pre_router(x)                                  # (B, N, E)
         if self.sal_router is not None:
             S = S + self.sal_router(x0_hat_emb)                 # S = R_pre(h_t) + R_sal(x0_hat)
-        gates = S.softmax(-1).view(B * N, self.E)               # (B*N, E)
+        gates = fp32_or_wider(S).softmax(-1).view(B * N, self.E)   # (B*N, E), fp32 under bf16 too
         flat = x.reshape(B * N, D)
-        slots, aux = None, x.new_zeros(())
+        slots, aux = None, x.new_zeros((), dtype=torch.float32)
         if self.router == "ec":
             slots = expert_choice_in_image(gates, B, N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
         elif self.router == "tc":
             mask = token_choice(gates, self.k)
+            aux = self.balance * balance_loss(gates.view(B, N, -1), mask.view(B, N, -1))
         elif self.training:                                     # diffmoe, fixed capacity
             slots = expert_choice_in_pool(gates, B * N * self.k // self.E)
             mask = slots_to_mask(slots, B * N)
-            if torch.is_grad_enabled():                         # FOOTGUN: a side effect, see below
-                aux = self.train_capacity_predictor(flat, mask, slots.shape[1])
+            if torch.is_grad_enabled():                         # (not the stepwise pre-pass)
+                aux = self.train_capacity_predictor(flat, mask)
         else:                                                   # diffmoe, dynamic capacity
-            cap_scores = self.capacity_predictor(flat).sigmoid()
+            cap_scores = fp32_or_wider(self.capacity_predictor(flat)).sigmoid()
             mask = threshold_choice(gates, cap_scores, self.thresholds)
         if slots is not None:
             out = self.dispatch_fixed(flat, gates, slots)
@@ -341,31 +351,91 @@ class MoE(nn.Module):
         x = flat.index_select(0, slots.flatten()).view(E, C, -1)   # its backward is a fast index_add)
         y = self.experts(x)                                     # (E, C, D), one batched matmul
         w = gates.t().gather(1, slots)                          # (E, C) gate of each slot
-        out = torch.zeros_like(flat)
-        return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).flatten(0, 1))
+        out = torch.zeros_like(flat)                            # (index_add_ in the experts' dtype)
+        return out.index_add_(0, slots.flatten(), (y * w.unsqueeze(-1)).to(out.dtype).flatten(0, 1))
 
     def dispatch_ragged(self, flat, gates, mask):
         expert, tok = mask.t().nonzero(as_tuple=True)           # (P,) each, sorted by expert
         counts = mask.sum(0)                                    # (E,) tokens per expert
         y = self.experts.ragged(flat.index_select(0, tok), counts)   # (P, D)
         out = torch.zeros_like(flat)
-        return out.index_add_(0, tok, y * gates[tok, expert].unsqueeze(-1))
+        return out.index_add_(0, tok, (y * gates[tok, expert].unsqueeze(-1)).to(out.dtype))
 
-    def train_capacity_predictor(self, flat, mask, C):
-        """DiffMoE: BCE of the predictor (on detached states) against the selection; thresholds
-        track, by EMA, the C-th highest predictor score of each expert, averaged across ranks.
-        FOOTGUN: every forward in training mode with grad enabled moves the thresholds (a
-        buffer), as a side effect. No-grad forwards (the stepwise pre-pass, the probe) and eval
-        mode leave them alone, so a pre-pass does not update them twice."""
+    def train_capacity_predictor(self, flat, mask):
+        """DiffMoE: the BCE of the capacity predictor (on detached states) against the selection
+        mask (B*N, E). Its detached scores are kept for update_thresholds, which the training
+        step calls once per iteration (after the T forwards of a SharpMoE trajectory)."""
         cap_logits = self.capacity_predictor(flat.detach())     # (B*N, E)
-        with torch.no_grad():
-            kth = cap_logits.sigmoid().t().topk(C, dim=1).values[:, -1].contiguous()   # (E,)
-            # (all_reduce needs it contiguous: on the strided view the ranks' thresholds drifted apart)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(kth)
+        cap_logits = fp32_or_wider(cap_logits)
+        self.pool_scores.append(cap_logits.detach().sigmoid())
+        return F.binary_cross_entropy_with_logits(cap_logits, mask.to(cap_logits.dtype))
+
+
+def balance_loss(gates, mask):
+    """TC-DiT's load-balancing loss, DiffMoE's and DiT-MoE's MoEGate's: E * sum_e f_e P_e, f_e the
+    share of the selections that went to expert e, P_e its mean gate; 1 when balanced. Without it
+    token choice collapses onto a few experts. gates, mask: (B, N, E). Ours: per image, then
+    averaged (DeepSeek's sequence-wise variant), so that a run does not depend on how many ranks
+    share the batch."""
+    f = mask.float().sum(1) / mask.sum((1, 2)).unsqueeze(-1)   # (B, E) shares of the selections
+    return gates.shape[-1] * (f * gates.mean(1)).sum(-1).mean()
+
+
+def capacity_quantile(scores, k):
+    """(E,): each expert's C-th highest score in a pool of scores (P, E), C = P k / E: the score
+    above which an expert of capacity C takes its tokens (DiffMoE's threshold statistic)."""
+    P, E = scores.shape
+    return scores.t().topk(max(1, P * k // E), dim=1).values[:, -1]
+
+
+@torch.no_grad()
+def update_thresholds(model, skip_first=False):
+    """DiffMoE's inference thresholds, once per training iteration: each expert's threshold
+    tracks by EMA (decay cfg.threshold_decay) the C-th highest capacity-predictor score of the
+    iteration's pool, averaged across ranks. The pool is every training forward since the last
+    call: one in pretraining (the C-th of B*N); in a SharpMoE iteration the trajectory's steps
+    2..T together (skip_first), one uniform draw per bin of [0, 0.999), so that the pool mixes
+    noise levels as pretraining's uniform t does (t_1 = 0.999 is a point that uniform t never
+    draws). Ours: updated per forward, as DiffMoE's code does, each pool would hold one t-bin and
+    the thresholds would drift (measured: 2.2x the control's inference compute; with step 1 in
+    the pool 1.3x; without it 1.05x). model may be wrapped in DDP."""
+    for layer in model.modules():
+        if isinstance(layer, MoE) and layer.router == "diffmoe" and layer.pool_scores:
+            pool = layer.pool_scores[1:] if skip_first and len(layer.pool_scores) > 1 else layer.pool_scores
+            kth = capacity_quantile(torch.cat(pool), layer.k).contiguous()   # (E,) fp32
+            layer.pool_scores.clear()
+            if dist.is_available() and dist.is_initialized():   # (contiguous: on a strided view
+                dist.all_reduce(kth)                            #  the ranks' thresholds drifted)
                 kth /= dist.get_world_size()
-            self.thresholds.lerp_(kth.float(), 1 - self.decay)
-        return F.binary_cross_entropy_with_logits(cap_logits, mask.float())
+            layer.thresholds.lerp_(kth.to(layer.thresholds.dtype), 1 - layer.decay)
+
+
+@torch.no_grad()
+def fit_thresholds(model, x0, y, draw, oracle=False):
+    """DiffMoE: sets each expert's threshold to what update_thresholds converges to for these
+    weights: capacity_quantile of the model's own predictor scores over the pool of x0 (B images,
+    labels y) run along `draw` in training mode: a T = 1 draw mixes noise levels as pretraining
+    does; a trajectory draw pools steps 2..T as SharpMoE post-training does. For the EMA
+    weights (ours): the raw model's thresholds do not fit the EMA's predictor (measured: 12 of 16
+    experts per token). oracle: R_sal routes with the true x0. Returns model."""
+    layers = [m for m in model.moe_layers() if m.router == "diffmoe"]
+    scores = {m: [] for m in layers}
+    keep = lambda m, args: scores[m].append(fp32_or_wider(m.capacity_predictor(args[0].flatten(0, 1))).sigmoid())
+    hooks = [m.register_forward_pre_hook(keep) for m in layers]   # args[0]: the layer's input (B, N, D)
+    mode = model.training
+    model.train()                                               # fixed capacity, as in training
+    try:
+        xs = (interpolate(x0, draw.eps, t) for t in draw.ts)
+        for _ in unroll(model, xs, draw.ts, drop_labels(y, draw.drop, model.cfg.num_classes), x0 if oracle else None):
+            pass
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(mode)
+    first = len(draw.ts) > 1                                    # the pool of update_thresholds
+    for m in layers:
+        m.thresholds.copy_(capacity_quantile(torch.cat(scores[m][first:]), m.k))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -675,10 +745,13 @@ def forward_backward(model, cfg, x0, y, draw, opts=None, stepwise=True, autocast
     opts None: one-step rectified flow (pretraining, the controls); else SharpMoE, back-propagated
     all at once or, stepwise, one step's graph at a time (the same gradient; see the last
     section). autocast wraps each forward; no_sync (DDP's) the backwards that must not all-reduce.
-    Returns detached stats: fm, aux, routing (scalars; the loss is fm + lam * routing + aux) and
-    counts (T, B, N), each token's expert count per step (None for a dense model)."""
+    Then DiffMoE's thresholds move once (update_thresholds). Returns detached stats: fm, aux,
+    routing (scalars; the loss is fm + lam * routing + aux) and counts (T, B, N), each token's
+    expert count per step (None for a dense model)."""
     if opts is not None and stepwise:
-        return trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast, no_sync)
+        stats = trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast, no_sync)
+        update_thresholds(model, skip_first=True)
+        return stats
     with autocast():
         if opts is None:
             loss, aux, routes = flow_loss(model, cfg, x0, y, draw)
@@ -687,6 +760,7 @@ def forward_backward(model, cfg, x0, y, draw, opts=None, stepwise=True, autocast
         else:
             loss, aux, stats = trajectory_loss(model, cfg, x0, y, draw, opts)
     (loss + aux).backward()
+    update_thresholds(model, skip_first=opts is not None)
     return dict(stats, aux=torch.as_tensor(aux, device=x0.device).detach())
 
 
@@ -695,14 +769,19 @@ def forward_backward(model, cfg, x0, y, draw, opts=None, stepwise=True, autocast
 
 def guided_velocity(model, x, t, y, x0_hat, cfg_scale):
     """v = v_u + s (v_c - v_u); s = 1 is one conditional pass. Both halves route with the same
-    x0_hat (SharpMoE part 1). Returns v and the routes of the conditional half.
+    x0_hat (SharpMoE part 1); one batched pass, but two for DiffMoE, whose inference capacity
+    depends on the batch. Returns v and the routes of the conditional half.
     FOOTGUN: the unconditional label is the null class num_classes."""
     if cfg_scale == 1.0:
         v, _, routes = model(x, t, y, x0_hat=x0_hat)
         return v, routes
     null = torch.full_like(y, model.cfg.num_classes)
+    if model.cfg.router == "diffmoe":                           # its capacity spans the batch: the
+        v_c, _, routes = model(x, t, y, x0_hat=x0_hat)          # halves apart, as DiffMoE samples
+        v_u = model(x, t, null, x0_hat=x0_hat)[0]
+        return v_u + cfg_scale * (v_c - v_u), routes
     v, _, routes = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), x0_hat=torch.cat([x0_hat, x0_hat]))
-    v_c, v_u = v.chunk(2)
+    v_c, v_u = v.chunk(2)                                       # (B, C, H, W) each
     B = x.shape[0]
     return v_u + cfg_scale * (v_c - v_u), [(gates[:B], mask[:B]) for gates, mask in routes]
 
@@ -765,14 +844,19 @@ def rank_correlation(a, b):
 
 def position_controlled_correlation(count, M):
     """Does a token get more experts where it is more salient than that position usually is?
-    The correlation, over all tokens of all B images, between the expert count (B, N) and each
-    token's saliency rank within its image minus the mean of that rank over the images at the
-    same position. Exactly 0 for any router whose counts depend on the position only (the
-    residual sums to 0 at every position), however well such a router scores on the raw one."""
-    r = ranks(M.float())
-    r = r - r.mean(0, keepdim=True)                             # (B, N) beyond position
-    c = count.float() - count.float().mean()
+    A partial correlation over all tokens of all B images: expert counts (B, N) and saliency
+    ranks within each image, both less their mean per token position over the images and their
+    mean per image (the counts' per-image mean varies under DiffMoE, whose pool spans the batch).
+    0 for any router whose counts depend on position only, however well it scores on the raw
+    correlation; and, unlike a semipartial correlation (position taken out of the saliency
+    alone), a positional pattern in the counts does not lower the score of what lies beyond it."""
+    c, r = residual(count.float()), residual(ranks(M.float()))
     return (c * r).sum() / (c.norm() * r.norm() + 1e-12)
+
+
+def residual(a):
+    """(B, N) less its per-position and per-image means (the grand mean added back)."""
+    return a - a.mean(0, keepdim=True) - a.mean(1, keepdim=True) + a.mean()
 
 
 def count_saliency(counts, M):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sharpmoe as sm
-from data import HELD_OUT, Shapes
+from data import HELD_OUT, Shapes, Strokes
 
 MOE_ROUTERS = ("tc", "ec", "diffmoe")
 
@@ -149,11 +149,138 @@ def test_diffmoe_thresholds_are_an_ema_of_the_capacity_th_score():
     x = torch.randn(2, cfg.num_tokens, cfg.width)
     for _ in range(5):
         moe(x)
+        sm.update_thresholds(moe)                               # once per iteration, as training does
     with torch.no_grad():
         scores = moe.capacity_predictor(x.reshape(-1, cfg.width)).sigmoid()   # (B*N, E)
     C = 2 * cfg.num_tokens // cfg.num_experts
     kth = scores.sort(dim=0, descending=True).values[C - 1]    # (E,)
     torch.testing.assert_close(moe.thresholds, (1 - 0.9 ** 5) * kth)
+
+
+def test_diffmoe_thresholds_pool_the_t_steps_of_a_trajectory_once_per_iteration():
+    """A SharpMoE iteration (T = 4 forwards, one noise level each) moves the thresholds once, by
+    the (T-1)*C-th highest score of steps 2..T together: a stratified sample of the uniform t
+    that pretraining's pools mix. (Once per forward, each pool holds one t-bin: they drift.)"""
+    torch.manual_seed(0)
+    model = pretrained_like(sm.add_saliency_routers(sm.DiT(tiny("diffmoe", threshold_decay=0.9))))
+    x, y = batch(4)
+    draw = sm.draw_training(model.cfg, 4, T=4)
+    layer = model.moe_layers()[0]
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().flatten(0, 1)))
+    sm.forward_backward(model, model.cfg, x, y, draw, sm.SharpMoELoss(lam=0.0), stepwise=False)
+    hook.remove()
+    assert len(inputs) == 4 and not layer.pool_scores           # consumed
+    with torch.no_grad():
+        scores = layer.capacity_predictor(torch.cat(inputs[1:])).sigmoid()   # ((T-1)*B*N, E)
+    C = 3 * 4 * model.cfg.num_tokens // model.cfg.num_experts
+    torch.testing.assert_close(layer.thresholds, 0.1 * scores.sort(0, descending=True).values[C - 1])
+
+
+def test_fit_thresholds_give_each_expert_its_capacity_from_the_model_own_predictor():
+    """fit_thresholds (the EMA's thresholds): in eval mode, on the very pool it was fitted on, the
+    first MoE layer (whose input does not depend on routing) gives each expert the C - 1 tokens
+    scored above its C-th: about top_k experts per token; the thresholds of another model's
+    predictor do not."""
+    torch.manual_seed(0)
+    model = pretrained_like(sm.DiT(tiny("diffmoe", depth=2, moe_every=1)))
+    other = pretrained_like(deepcopy(model), seed=1)
+    with torch.no_grad():
+        for p in other.moe_layers()[0].capacity_predictor.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    x, y = batch(8)
+    draw = sm.draw_training(model.cfg, 8, T=1, generator=torch.Generator().manual_seed(0))
+    sm.fit_thresholds(other, x, y, draw)
+    model.moe_layers()[0].thresholds.copy_(other.moe_layers()[0].thresholds)   # not its own
+    C = 8 * model.cfg.num_tokens // model.cfg.num_experts
+    xt, yd = sm.interpolate(x, draw.eps, draw.ts[0]), sm.drop_labels(y, draw.drop, 10)
+    per_expert = lambda m: m.eval()(xt, draw.ts[0], yd)[2][0][1].sum((0, 1))   # first layer's (E,)
+    with torch.no_grad():
+        assert not torch.equal(per_expert(model), torch.full((model.cfg.num_experts,), C - 1))
+        sm.fit_thresholds(model, x, y, draw)
+        assert torch.equal(per_expert(model), torch.full((model.cfg.num_experts,), C - 1))
+
+
+def test_balance_loss_by_hand():
+    E = 4                                                       # (B, N, E): 2 images of 8 tokens
+    uniform = torch.full((2, 8, E), 1 / E)
+    mask = torch.eye(E, dtype=torch.bool).repeat(2, 2, 1)       # 2 tokens per expert in each image
+    assert sm.balance_loss(uniform, mask).item() == pytest.approx(1.0)
+    onto_0 = F.one_hot(torch.zeros(2, 8, dtype=torch.long), E).float()   # every gate and token on expert 0
+    assert sm.balance_loss(onto_0, onto_0.bool()).item() == pytest.approx(E)
+    mixed = torch.cat([onto_0[:1], uniform[:1]])                # per image, then averaged
+    assert sm.balance_loss(mixed, torch.cat([onto_0[:1].bool(), mask[:1]])).item() == pytest.approx((E + 1) / 2)
+
+
+def expert_shares(alpha, steps=120):
+    """A tiny TC-DiT trained `steps` steps with balance_loss alpha: each expert's share of the
+    tokens of held-out images at t = 0.5."""
+    torch.manual_seed(0)
+    cfg = tiny("tc", balance_loss=alpha)
+    model = sm.DiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = Strokes(32, 512)
+    x, y = torch.stack([data[i][0] for i in range(512)]), torch.tensor([data[i][1] for i in range(512)])
+    for _ in range(steps):
+        idx = torch.randint(512, (32,))
+        sm.forward_backward(model, cfg, x[idx], y[idx], sm.draw_training(cfg, 32))
+        opt.step()
+        opt.zero_grad()
+    t = torch.full((64,), 0.5)
+    with torch.no_grad():
+        mask = model.eval()(sm.interpolate(x[:64], torch.randn_like(x[:64]), t), t, y[:64])[2][0][1]
+    return mask.float().sum((0, 1)) / mask.sum()
+
+
+def test_token_choice_with_its_balance_loss_keeps_every_expert():
+    """Without the balance loss (alpha 0) token choice collapses within 120 steps (an expert under
+    1%); with DiffMoE's and DiT-MoE's alpha 0.01, the default, every expert keeps a share."""
+    assert sm.Config().balance_loss == 0.01
+    assert expert_shares(0.0).min() < 0.01
+    assert expert_shares(0.01).min() > 0.04
+
+
+def test_diffmoe_post_training_keeps_the_control_inference_compute():
+    """From one tiny base (200 steps), 40 SharpMoE iterations at lambda 0 (T = 4) and 40 control
+    steps route held-out images with about the same inference compute (measured: 0.85 and 0.81
+    experts per token per layer; thresholds updated per forward, as before: 1.78, 2.2x)."""
+    torch.manual_seed(0)
+    data, held = Strokes(32, 512), Strokes(32, 64, start=HELD_OUT)
+    x, y = torch.stack([data[i][0] for i in range(512)]), torch.tensor([data[i][1] for i in range(512)])
+
+    def train(model, steps, opts=None, T=1, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for _ in range(steps):
+            idx = torch.randint(512, (32,), generator=g)
+            sm.forward_backward(model, model.cfg, x[idx], y[idx], sm.draw_training(model.cfg, 32, T, g), opts)
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    base = train(sm.DiT(tiny("diffmoe")), 200)
+    control = train(deepcopy(base), 40, seed=1)
+    post = train(sm.add_saliency_routers(deepcopy(base)), 40, sm.SharpMoELoss(lam=0.0), T=4, seed=1)
+    hx, hy = torch.stack([held[i][0] for i in range(64)]), torch.tensor([held[i][1] for i in range(64)])
+    eps = torch.randn(hx.shape, generator=torch.Generator().manual_seed(0))
+    compute = [sm.routing_probe(m, hx, hy, eps)["counts"].float().mean().item() for m in (control, post)]
+    assert compute[1] == pytest.approx(compute[0], rel=0.15)
+
+
+def test_guided_diffmoe_routes_each_half_in_its_own_pool():
+    """Under CFG, DiffMoE's conditional half routes as it would alone (its dynamic capacity spans
+    the batch; one shared pool let the unconditional half change it), and v is the guided one."""
+    torch.manual_seed(0)
+    model = pretrained_like(sm.DiT(tiny("diffmoe"))).eval()
+    for layer in model.moe_layers():
+        layer.thresholds.fill_(0.5)
+    x, y, t = torch.randn(4, 3, 32, 32), torch.arange(4), torch.full((4,), 0.7)
+    with torch.no_grad():
+        v, routes = sm.guided_velocity(model, x, t, y, x, 3.0)
+        v_c, _, alone = model(x, t, y)
+        v_u = model(x, t, torch.full_like(y, 10))[0]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(routes, alone))
+    torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u))
 
 
 def test_diffmoe_inference_uses_thresholds_and_compute_moves_with_input():
@@ -534,14 +661,33 @@ def test_position_control_gives_a_positional_router_no_credit():
 
 
 def test_position_controlled_correlation_by_hand():
-    # 2 images, 3 tokens. Saliency ranks (1, 2, 3) and (3, 2, 1); their mean per position is
-    # (2, 2, 2), so the residual ranks are (-1, 0, 1) and (1, 0, -1). Counts (1, 1, 2) and
-    # (2, 1, 1), centered by their mean 4/3: (-1, -1, 2) / 3 and (2, -1, -1) / 3. The sum of
-    # products is (1 + 2 + 2 + 1) / 3 = 2; the norms are sqrt(4) and sqrt(12 / 9): rho = 0.866.
+    # 2 images, 3 tokens. Saliency ranks (1, 2, 3) and (3, 2, 1), less their means per position
+    # (2, 2, 2) and per image (2) plus the grand mean (2): (-1, 0, 1) and (1, 0, -1). Counts
+    # (1, 1, 2) and (2, 1, 2), less their means per position (1.5, 1, 2) and per image (4/3, 5/3),
+    # plus the grand mean 3/2: (-1/3, 1/6, 1/6) and (1/3, -1/6, -1/6). The sum of products is
+    # 1/3 + 1/6 + 1/3 + 1/6 = 1, the norms 2 and sqrt(1/3): rho = 0.866.
     M = torch.tensor([[0.1, 0.5, 0.9], [0.7, 0.4, 0.2]])
-    count = torch.tensor([[1, 1, 2], [2, 1, 1]])
-    assert sm.position_controlled_correlation(count, M).item() == pytest.approx(2 / (2 * math.sqrt(12 / 9)), abs=1e-6)
+    count = torch.tensor([[1, 1, 2], [2, 1, 2]])
+    expected = 1 / (2 * math.sqrt(1 / 3))
+    assert sm.position_controlled_correlation(count, M).item() == pytest.approx(expected, abs=1e-6)
     assert sm.position_controlled_correlation(torch.tensor([[1, 1, 2], [1, 1, 2]]), M).item() == 0   # position only
+    assert sm.position_controlled_correlation(torch.tensor([[1, 1, 1], [2, 2, 2]]), M).item() == 0   # image only
+
+
+def test_position_control_is_partial_a_positional_pattern_in_the_counts_costs_nothing():
+    """Counts = the saliency beyond position + a * a centre pattern: the same behaviour beyond
+    position for every a. A semipartial correlation (position out of the saliency only) fell from
+    +0.90 to +0.16 as a grew; the partial one stays, as does a per-image offset (DiffMoE's pool)."""
+    g = torch.Generator().manual_seed(0)
+    B, side = 256, 8
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    centre = (-((yy - 3.5) ** 2 + (xx - 3.5) ** 2) / 8).exp().flatten()    # (N,)
+    M = centre * 2 + torch.rand(B, side * side, generator=g)    # centre-biased saliency
+    r = sm.ranks(M)
+    beyond = r - r.mean(0)                                      # the rank residual
+    scores = [sm.position_controlled_correlation(beyond + a * 20 * centre + 5 * torch.randn(B, 1, generator=g), M)
+              for a in (0, 1, 3)]
+    torch.testing.assert_close(torch.stack(scores), torch.ones(3))
 
 
 def test_saliency_quintiles_by_hand():

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import sharpmoe as sm
 from common import (RECIPES, HelpFormatter, UserError, check_out_folder, checkpoint_config, generator, load_checkpoint,
                     load_weights, run_cli, save_checkpoint, setup_distributed)
-from data import BUILTIN, PROBE_IMAGES, data_shape, make_datasets, position_saliency, probe_batch
+from data import BUILTIN, PROBE_IMAGES, data_shape, make_datasets, position_saliency, probe_batch, spread_batch
 
 # The model's flags: for pretraining; a model from --init keeps its own.
 MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_every=2, class_dropout=0.1,
@@ -214,10 +214,28 @@ def apply_flip(x0, flip):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
+    """The weights' EMA. DiffMoE's thresholds (buffers) are not averaged: the EMA gets its own
+    from its own capacity predictor before each save (EMAThresholds)."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):           # DiffMoE thresholds
-        e.copy_(b)
+
+
+class EMAThresholds:
+    """DiffMoE: fits the EMA model's thresholds to its own capacity predictor (sm.fit_thresholds)
+    on fixed training images and noise, drawn as this run's iterations are (T steps after --init
+    with SharpMoE, one t per image otherwise). The raw model's thresholds do not fit the EMA's
+    predictor. A no-op for the other routers."""
+
+    def __init__(self, data, cfg, T, opts, seed, device, n=256):
+        self.active = cfg.router == "diffmoe"
+        if self.active:
+            self.x0, self.y = spread_batch(data, n, device)
+            self.draw = sm.draw_training(cfg, len(self.y), T, generator(seed, -1, device), device)
+            self.oracle = bool(opts and opts.oracle)
+
+    def __call__(self, ema):
+        if self.active:
+            sm.fit_thresholds(ema, self.x0, self.y, self.draw, self.oracle)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,8 +290,8 @@ class RoutingProbe:
     def __init__(self, held_out, device, n):
         self.x0, self.y, self.eps = probe_batch(held_out, n, device=device)
 
-    def __call__(self, model):
-        r = sm.routing_probe(model, self.x0, self.y, self.eps)
+    def __call__(self, model, oracle=False):
+        r = sm.routing_probe(model, self.x0, self.y, self.eps, oracle=oracle)
         row = lambda v, f: "/".join(format(v[sm.PROBE_T.index(t)], f) for t in sm.SHOW_T)
         return (f"probe t={row(sm.PROBE_T, '.3g')}: corr {row(r['corr'].tolist(), '+.2f')} "
                 f"pos {row(r['corr_pos'].tolist(), '+.2f')} loss {row(r['loss'].tolist(), '.3f')}")
@@ -351,8 +369,10 @@ def main(args):
     log = open_log(args.out, rank)
     log(header(args, raw, opts, data, world, device, step, ckpt))
     probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and args.probe_images and rank == 0 else None
+    oracle = bool(opts and opts.oracle)                        # the probe routes as training does
     if probe:
-        log(f"step {step:7d}  {probe(raw)}  (before training)")
+        log(f"step {step:7d}  {probe(raw, oracle)}  (before training)")
+    fit_ema = EMAThresholds(data, cfg, T, opts, args.seed, device)   # (every rank: the same EMA)
 
     # 4. the loop: draw, forward/backward, step, EMA, log, save
     meter, data_iter = Meter(device), batches(loader, step, steps_per_epoch)
@@ -378,8 +398,10 @@ def main(args):
                 meter.stop_if_diverged(world, rank, args)
             if logs:
                 mean = meter.read(world)
-                log(log_line(step, mean, opts, cfg, n_moe) + (f"  {probe(raw)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
+                log(log_line(step, mean, opts, cfg, n_moe) + (f"  {probe(raw, oracle)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
                 pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
+            if saves:
+                fit_ema(ema)
             if saves and rank == 0:
                 save_checkpoint(os.path.join(args.out, "last.pt"), raw, ema, opt, step, args, data.classes,
                                 getattr(data, "meta", None), None if opts is None else opts.saliency_mean)
