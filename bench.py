@@ -103,10 +103,9 @@ def train_step(model, cfg, x, y, opt, T=1, scope=None, stepwise=False):
     """One training iteration with fresh draws: ordinary (T = 1) or SharpMoE with the paper's
     loss (scope "trajectory") or the per-step KL (scope "step"); bf16 autocast on a GPU, as train.py."""
     opt.zero_grad(set_to_none=True)
-    opts = sm.SharpMoELoss(scope=scope) if T > 1 else None
+    opts = sm.SharpMoEOptions(scope=scope, stepwise=stepwise) if T > 1 else None
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
-    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, stepwise,
-                        autocast)
+    sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, autocast)
     opt.step()
 
 
@@ -320,7 +319,7 @@ def agreement(device, router, sharpmoe, dtype):
                 layer.sal_router.fc2.weight.normal_(std=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     draw = sm.draw_training(cfg, 8, T=3 if sharpmoe else 1, generator=torch.Generator().manual_seed(1))
-    opts = sm.SharpMoELoss(lam=0.1) if sharpmoe else None
+    opts = sm.SharpMoEOptions(lam=0.1, stepwise=False) if sharpmoe else None
     results = []
     for dev, cast in (("cpu", False), (device, dtype == torch.bfloat16)):
         m = deepcopy(model).to(dev).train()
@@ -329,7 +328,7 @@ def agreement(device, router, sharpmoe, dtype):
                                              enabled=cast):
             v = m(x.to(dev), d.ts[0], y.to(dev), x0_hat=x.to(dev) if sharpmoe else None)[0].float().cpu()
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cast)
-        sm.forward_backward(m, m.cfg, x.to(dev), y.to(dev), d, opts, stepwise=False, autocast=autocast)
+        sm.forward_backward(m, m.cfg, x.to(dev), y.to(dev), d, opts, autocast=autocast)
         results.append((v, [p.grad.float().cpu() for p in m.parameters() if p.grad is not None]))
     (v0, g0), (v1, g1) = results
     rel = lambda a, b: float((a - b).norm() / (a.norm() + 1e-12))

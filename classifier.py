@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from common import HelpFormatter, UserError, check_out_folder, run_cli, to_uint8
-from data import BUILTIN, HELD_OUT, is_latent_folder, make_datasets
+from data import BUILTIN, HELD_OUT, data_flags, is_latent_folder, make_datasets
 from quality import classify, frechet_distance, statistics, train_classifier
 
 
@@ -52,7 +52,7 @@ def main(args):
     if is_latent_folder(args.data):
         raise UserError(f"--data {args.data} is a latent folder; the classifier measures pixel images "
                         "(latent models: sample.py decodes, fid.py measures with Inception)")
-    train_set, held_out = make_datasets(**vars(args))
+    train_set, held_out = make_datasets(**data_flags(vars(args)))
     images, labels = as_uint8(train_set, desc="training images")
     with tqdm(desc="training the classifier", leave=False) as bar:
         def progress(step, steps, loss):
@@ -73,7 +73,8 @@ def main(args):
                path + ".tmp")
     os.replace(path + ".tmp", path)
     mu, sigma = statistics(ref_feats)
-    floors = {n: frechet_distance(*statistics(floor_feats[:n]), mu, sigma) for n in (500, 1000, 2000) if n <= len(floor)}
+    counts = [n for n in (500, 1000, 2000) if n <= len(floor)] or [len(floor)]
+    floors = {n: frechet_distance(*statistics(floor_feats[:n]), mu, sigma) for n in counts}
     print(f"wrote {path}: {len(images)} training images, held-out accuracy {accuracy:.3f} on {len(ref)} images; "
           "noise floor (real against real): " + ", ".join(f"{v:.3f} at {n}" for n, v in floors.items()))
     return accuracy

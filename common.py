@@ -5,6 +5,7 @@ helpers. Nothing about
 the method is here (that is sharpmoe.py) and nothing about data (data.py).
 """
 import argparse
+import datetime
 import os
 import re
 import sys
@@ -70,16 +71,22 @@ def check_out_folder(path, flag):
         raise UserError(f"{flag} {path}{where} is a file, not a folder; pass a folder")
 
 
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def setup_distributed():
     """(rank, world, device). torchrun sets RANK; without it this is one process on a GPU or
     the CPU. nccl on GPUs, gloo on CPUs."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local)                            # before the process group binds one
+    # The other ranks wait in a collective while rank 0 writes a checkpoint (DiT-L with AdamW and
+    # EMA: about 20-30 GB) or runs the routing probe: NCCL's default 10 minutes would kill a run
+    # on storage slower than about 50 MB/s.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
@@ -89,9 +96,9 @@ def setup_distributed():
 # --init because a 0.999 average would barely move in 150 steps.
 RECIPES = {
     "paper": dict(preset="L", global_batch_size=256, lr=1e-4, grad_clip=0.0, ema=0.9999, trajectory_steps=10,
-                  steps=(500_000, 100_000), log_every=100, ckpt_every=5000),
+                  steps=(500_000, 100_000), log_every=100, ckpt_every=5000, probe_every=5000),
     "cpu": dict(preset="cpu", global_batch_size=32, lr=3e-4, grad_clip=1.0, ema=(0.999, 0.98), trajectory_steps=4,
-                steps=(3000, 150), log_every=(250, 50), ckpt_every=250),
+                steps=(3000, 150), log_every=(250, 50), ckpt_every=250, probe_every=(250, 50)),
 }
 
 
@@ -179,6 +186,17 @@ def load_model(path, weights="ema", device="cpu"):
     model = sm.DiT(checkpoint_config(ckpt, path))
     load_weights(model, ckpt[weights], path)
     return model.to(device).eval(), ckpt.get("args", {})
+
+
+def load_reference(path, cfg, weights="ema", device="cpu"):
+    """The dense model of the reference view (its rollout is routed by the MoE checkpoints of
+    config cfg): refused in one line unless it is dense and of the same data's shapes."""
+    ref, _ = load_model(path, weights, device)
+    if ref.moe_layers() or (ref.cfg.in_channels, ref.cfg.image_size, ref.cfg.num_classes) != \
+            (cfg.in_channels, cfg.image_size, cfg.num_classes):
+        raise UserError(f"--reference {path} must be a dense model trained on the same data "
+                        "(train.py --router dense with the same data flags)")
+    return ref
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ mean per-image rank correlation of expert count with Laplacian saliency (raw: th
 measure) and the position-controlled correlation (sm.position_controlled_correlation), in
   noised     held-out images noised along one trajectory, x0_hat chained (sm.routing_probe),
              with the held-out flow-matching loss at the same t and noise
-  rollout    the checkpoint's own Euler rollout (cfg 1) against its own final images, as the
+  rollout    the checkpoint's own Euler rollout (cfg 1.5) against its own final images, as the
              paper measures "along the generation rollout"; counts can cause saliency here (a
              token given more experts may get more detail)
   reference  the Euler states of a dense model trained on the same data (--reference), routed by
@@ -47,13 +47,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import sharpmoe as sm
-from common import RECIPES, HelpFormatter, UserError, check_out_folder, load_checkpoint, load_model, noise_and_labels, run_cli
-from data import make_datasets, probe_batch, spread_batch
+from common import (RECIPES, HelpFormatter, UserError, check_out_folder, load_checkpoint, load_model, load_reference,
+                    noise_and_labels, run_cli)
+from data import DATA_FLAGS, data_flags, make_datasets, probe_batch, spread_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COUNT = ["--routing-mass", "count", "--routing-scope", "step", "--saliency-target", "residual", "--routing-weight", "0.01"]
 VIEWS = ("noised", "rollout", "reference")
-DATA_FLAGS = ("data", "val_data", "builtin", "builtin_size", "image_size")   # a base's data: every run's
 MIN_GAP = 0.05        # an oracle bound below this leaves nothing to close: no fraction is shown
 
 
@@ -134,20 +134,18 @@ class Views:
     held-out images and noise; rollout noise and labels; the reference's states and images."""
 
     def __init__(self, args, base_args, cfg):
-        train_set, held_out = make_datasets(**{k: base_args[k] for k in DATA_FLAGS if k in base_args})
+        train_set, held_out = make_datasets(**data_flags(base_args))
         self.x0, self.y, self.eps = probe_batch(held_out, args.eval_images)
         x0, y = spread_batch(train_set, 128)                   # DiffMoE's compute calibration
         self.calibration = (x0, y, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
         self.noise, self.labels = noise_and_labels(range(args.rollout_images), cfg, seed=0)
-        self.steps, self.reference = args.sample_steps, None
+        self.steps, self.cfg_scale, self.reference = args.sample_steps, args.cfg_scale, None
         if args.reference:
-            ref, ref_args = load_model(args.reference, args.weights)
-            if ref.moe_layers() or (ref.cfg.num_classes, ref.cfg.in_channels, ref.cfg.image_size) != \
-                    (cfg.num_classes, cfg.in_channels, cfg.image_size) or \
-                    any(ref_args.get(k) != base_args.get(k) for k in DATA_FLAGS):
-                raise UserError(f"--reference {args.reference} must be a dense model trained on the same data as "
-                                f"the --init models (train.py --router dense with their data flags)")
-            x, ts, _, states = sm.rollout_routing(ref, self.noise, self.labels, self.steps)
+            ref = load_reference(args.reference, cfg, args.weights)
+            if data_flags(load_checkpoint(args.reference)["args"]) != data_flags(base_args):
+                raise UserError(f"--reference {args.reference} was trained on other data than the --init models "
+                                "(train.py --router dense with their data flags)")
+            x, ts, _, states = sm.rollout_routing(ref, self.noise, self.labels, self.steps, self.cfg_scale)
             self.reference = (states, ts, x)
 
     def measure(self, model, oracle=False):
@@ -161,12 +159,12 @@ class Views:
                                compute=compute(r["counts"], model), loss=r["loss"].tolist(),
                                quintiles=sm.saliency_quintiles(early, M).tolist()))
         if not oracle:
-            x, ts, counts, _ = sm.rollout_routing(model, self.noise, self.labels, self.steps)
+            x, ts, counts, _ = sm.rollout_routing(model, self.noise, self.labels, self.steps, self.cfg_scale)
             out["rollout"] = dict(t=ts.tolist(), compute=compute(counts, model),
                                   **listed(sm.count_saliency(counts, saliency(x, model))))
         if self.reference is not None:
             states, ts, x = self.reference
-            counts = sm.routing_along(model, states, ts, self.labels, x if oracle else None)
+            counts = sm.routing_along(model, states, ts, self.labels, self.cfg_scale, x if oracle else None)
             out["reference"] = dict(t=ts.tolist(), compute=compute(counts, model),
                                     **listed(sm.count_saliency(counts, saliency(x, model))))
         return out
@@ -206,6 +204,7 @@ def measured(args, views, ckpt, oracle=False):
     """views.measure of a checkpoint, cached beside it as .json (delete the file to measure again)."""
     cache = os.path.splitext(ckpt)[0] + ".json"
     key = dict(eval_images=args.eval_images, rollout_images=args.rollout_images, sample_steps=args.sample_steps,
+               cfg_scale=args.cfg_scale,
                weights=args.weights, reference=os.path.abspath(args.reference) if args.reference else None,
                compute=args.compute)
     if os.path.exists(cache):
@@ -265,7 +264,7 @@ def tables(results, base, args):
     lines = [f"# {base['router']}: the claim at {', '.join(map(str, budgets))} post-training steps", "",
              f"Made by `{results['command']}`. From `{base['path']}` ({base['router']}, recipe {args.recipe}, "
              f"T = {args.trajectory_steps}, {args.weights} weights), {seeds}. Views: "
-             + "; ".join(f"{v} = {what[v]}" for v in views) + f" ({args.sample_steps} Euler steps, cfg 1). "
+             + "; ".join(f"{v} = {what[v]}" for v in views) + f" ({args.sample_steps} Euler steps, cfg {args.cfg_scale:g}). "
              f"Early steps: t >= {sm.EARLY}."
              + (f" Compute matched: every checkpoint's thresholds calibrated to {args.compute:g} experts per token "
                 "per MoE layer on noised training images (compare.Views.calibrate)."
@@ -473,6 +472,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=512, help="held-out images of the noised view")
     p.add_argument("--rollout-images", type=int, default=128, help="samples of the rollout and reference views")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps of the rollout and reference views")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance of the rollout and reference views "
+                   "(sample.py's default, the paper's)")
     p.add_argument("--builtin-size", type=int, default=None, help="built-in training images (default: the base's)")
     p.add_argument("--num-workers", type=int, default=1, help="train.py's data-loader workers")
     p.add_argument("--log-every", type=int, default=150, help="train.py's log and checkpoint interval")
@@ -496,7 +497,8 @@ def parse_args(argv=None):
         if router in [b["router"] for b in args.bases]:
             raise UserError(f"--init has two {router} models; give one per router")
         a = dict(ckpt["args"], **({"builtin_size": args.builtin_size} if args.builtin_size else {}))
-        flags = [f"--{k.replace('_', '-')}={a[k]}" for k in DATA_FLAGS if a.get(k) is not None]
+        flags = [f"--{k.replace('_', '-')}" + ("" if a[k] is True else f"={a[k]}")
+                 for k in DATA_FLAGS if a.get(k) not in (None, False)]
         args.bases.append(dict(path=path, router=router, args=a, config=sm.Config(**ckpt["config"]), data_flags=flags))
     return args
 

@@ -50,6 +50,10 @@ class Strokes(Builtin):
     thin and not where a positional prior would put them."""
     key = 1
     classes = ("line", "two-lines", "cross", "ring", "arc", "zigzag", "triangle", "tee", "spiral", "wave")
+    ink = 1.5                   # the stroke's half width in pixels at 32x32 (antialiased edge)
+    scale = (0.25, 0.5)         # the glyph's size, a fraction of the image's half width
+    contrast = (0.4, 0.8)       # |ink - background|
+    noise_texture = 0.5         # the chance that the patch is random noise, not a checkerboard
 
     @staticmethod
     def glyph(y):
@@ -77,18 +81,27 @@ class Strokes(Builtin):
         img = bg + (g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3)
         a = rng.uniform(0, 2 * np.pi)                              # the glyph: rotated, scaled, placed
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        seg = self.glyph(y) @ rot.T * rng.uniform(0.25, 0.5) + rng.uniform(-0.35, 0.35, 2)
+        seg = self.glyph(y) @ rot.T * rng.uniform(*self.scale) + rng.uniform(-0.35, 0.35, 2)
         P, p0, d = np.stack([X, Y], -1)[None], seg[:, None, None, 0], (seg[:, 1] - seg[:, 0])[:, None, None]
         s = np.clip(((P - p0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0, 1)   # (S, H, W)
-        dist = np.linalg.norm(P - p0 - s[..., None] * d, axis=-1).min(0) * self.size / 2   # in pixels
-        ink = np.clip(1.5 - dist, 0, 1)[..., None]                 # about 2 px wide, antialiased
-        color = bg + rng.choice([-1, 1]) * rng.uniform(0.4, 0.8) + rng.uniform(-0.2, 0.2, 3)
+        dist = np.linalg.norm(P - p0 - s[..., None] * d, axis=-1).min(0) * 16   # in pixels at 32x32
+        ink = np.clip(self.ink - dist, 0, 1)[..., None]            # 2 * ink px wide, antialiased
+        color = bg + rng.choice([-1, 1]) * rng.uniform(*self.contrast) + rng.uniform(-0.2, 0.2, 3)
         img = img * (1 - ink) + color * ink
-        w = rng.integers(4, 8)                                     # a small textured patch
+        w = rng.integers(4, 8) * self.size // 32                   # a small textured patch
         px, py = rng.integers(0, self.size - w, 2)
-        tex = (np.add.outer(np.arange(w), np.arange(w)) % 2) if rng.random() < 0.5 else rng.random((w, w))
+        noisy = rng.random() >= 1 - self.noise_texture
+        tex = rng.random((w, w)) if noisy else np.add.outer(np.arange(w), np.arange(w)) % 2
         img[py:py + w, px:px + w] += (tex[..., None] - 0.5) * rng.uniform(0.3, 0.6)
         return np.clip(img, -1, 1)
+
+
+class Glyphs(Strokes):
+    """Strokes made easier to generate: bolder (about 4 px at 32x32), larger and higher-contrast
+    glyphs; the textured patch always a checkerboard (no unpredictable noise). Saliency stays
+    uneven and off-centre: the glyph's outline and the patch."""
+    key = 2
+    ink, scale, contrast, noise_texture = 2.0, (0.4, 0.65), (0.6, 0.9), 0.0
 
 
 class Shapes(Builtin):
@@ -113,7 +126,7 @@ class Shapes(Builtin):
         return np.where(inside[..., None], fg, bg) * 2 - 1
 
 
-BUILTIN = {"strokes": Strokes, "shapes": Shapes}
+BUILTIN = {"strokes": Strokes, "glyphs": Glyphs, "shapes": Shapes}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,20 +301,35 @@ def decode(vae, latents):
 # ----------------------------------------------------------------------------------------------
 # Training and held-out sets, the probe batch, the per-position saliency
 
+def open_folder(path, image_size, pairs=True, allow_empty=False):
+    """A latent folder (latents.py; pairs: each latent with its mirror's) or an image folder, by
+    what the path holds."""
+    if is_latent_folder(path):
+        return LatentFolder(path, pairs, allow_empty)
+    return ImageFolder(path, image_size, allow_empty)
+
+
+# The flags (train.py's, stored in every checkpoint's args) that say what a run's data is.
+DATA_FLAGS = ("data", "val_data", "builtin", "builtin_size", "image_size", "allow_empty_classes")
+
+
+def data_flags(args):
+    """The DATA_FLAGS of a dict of flags (train.py's args, or a checkpoint's), for make_datasets."""
+    return {k: args[k] for k in DATA_FLAGS if k in args}
+
+
 def make_datasets(data=None, val_data=None, builtin="strokes", builtin_size=10_000, image_size=32,
-                  allow_empty_classes=False, **_):
+                  allow_empty_classes=False):
     """(training set, held-out set). `data` an image folder or a latent folder (latents.py); the
     held-out set is `val_data`, or a tenth of `data` (at most PROBE_IMAGES items) split off.
     Without `data`, the built-in set `builtin` and 1024 of its held-out images. Takes train.py's
-    flags by name (a checkpoint's stored args too; other keys are ignored)."""
+    flags by name (data_flags picks them from train.py's args or a checkpoint's)."""
     if not data:
         make = BUILTIN[builtin]
         return make(image_size, builtin_size), make(image_size, 1024, start=HELD_OUT)
-    folder = lambda path, allow_empty, pairs=True: LatentFolder(path, pairs, allow_empty) if is_latent_folder(data) \
-        else ImageFolder(path, image_size, allow_empty)
-    train_set = folder(data, allow_empty_classes)
+    train_set = open_folder(data, image_size, allow_empty=allow_empty_classes)
     if val_data:                                                # (a small held-out set may lack a class)
-        held_out = folder(val_data, True, pairs=False)
+        held_out = open_folder(val_data, image_size, pairs=False, allow_empty=True)
     else:
         held_out = train_set.split_off(max(1, min(PROBE_IMAGES, len(train_set) // 10)))
     if held_out.classes != train_set.classes:

@@ -146,3 +146,24 @@ def sample_quality(clf, ckpt, images, labels):
     return dict(n=n, accuracy=None if labels is None else float((preds == np.asarray(labels)).mean()),
                 fd=frechet_distance(*statistics(feats), *ref_stats),
                 floor=frechet_distance(*statistics(floor[:n]), *ref_stats))
+
+
+@torch.no_grad()
+def model_quality(model, clf, ckpt, n=1000, steps=50, cfg_scale=1.5, seed=0, batch_size=250, progress=None):
+    """sample_quality of n samples of a model (in eval mode): Euler with `steps` steps at
+    `cfg_scale`, noise from common.noise_and_labels(range(n), seed) and labels i % classes (every
+    class as often). Also `images`, the first 100 samples (uint8), for a look."""
+    import sharpmoe as sm
+    from common import noise_and_labels, to_uint8
+    if len(ckpt["classes"]) != model.cfg.num_classes:
+        raise UserError(f"the classifier knows {len(ckpt['classes'])} classes, the model {model.cfg.num_classes}")
+    device = next(model.parameters()).device
+    images, labels = [], torch.arange(n) % model.cfg.num_classes
+    for start in range(0, n, batch_size):
+        noise, _ = noise_and_labels(range(start, min(n, start + batch_size)), model.cfg, seed)
+        x = sm.sample(model, noise.to(device), labels[start:start + batch_size].to(device), steps, cfg_scale)
+        images.append(to_uint8(x))
+        if progress:
+            progress(len(noise))
+    images = np.concatenate(images)
+    return dict(sample_quality(clf, ckpt, images, labels.numpy()), images=images[:100])

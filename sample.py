@@ -6,9 +6,11 @@ the checkpoint; x0_hat is carried into the router of a SharpMoE model.
     python sample.py --ckpt runs/ec/last.pt                          # OUT/grid.png (250 steps, cfg 1.5)
     python sample.py --ckpt runs/ec/last.pt --num-samples 50000      # OUT/samples.npz (ADM layout)
     torchrun --nproc_per_node=8 sample.py --ckpt runs/ec/last.pt --num-samples 50000
-    python sample.py --ckpt runs/ec/last.pt --report                 # routing along its own rollout
-    python sample.py --ckpt runs/ec/last.pt --report --real          # on held-out images, one noised trajectory
-    python sample.py --ckpt runs/ec/last.pt --report --reference runs/dense/last.pt   # a dense model's rollout
+    python sample.py --ckpt runs/ec/last.pt --report rollout         # routing along its own rollout
+    python sample.py --ckpt runs/ec/last.pt --report noised          # on held-out images, one noised trajectory
+    python sample.py --ckpt runs/ec/last.pt --report reference --reference runs/dense/last.pt   # a dense model's rollout
+
+On a GPU sampling runs under bf16 autocast (--precision fp32 for full precision); on a CPU in fp32.
 """
 import argparse
 import json
@@ -21,9 +23,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import (HelpFormatter, UserError, check_out_folder, load_model, noise_and_labels, run_cli, save_npz,
-                    setup_distributed, to_uint8)
-from data import ImageFolder, LatentFolder, decode, is_latent_folder, load_vae, make_datasets, probe_batch
+from common import (HelpFormatter, UserError, check_out_folder, load_model, load_reference, noise_and_labels, run_cli,
+                    save_npz, setup_distributed, to_uint8)
+from data import data_flags, decode, load_vae, make_datasets, open_folder, probe_batch
 
 
 def save_grid(images, path, nrow, labels=None):
@@ -47,8 +49,8 @@ def save_grid(images, path, nrow, labels=None):
 # ----------------------------------------------------------------------------------------------
 # The routing report
 
-VIEWS = {"real": "held-out images noised along one trajectory",
-         "generated": "its own rollout against its final images; counts can cause saliency here",
+VIEWS = {"noised": "held-out images noised along one trajectory",
+         "rollout": "its own rollout against its final images; counts can cause saliency here",
          "reference": "a dense model's rollout, routed by this model, against the dense model's images"}
 
 
@@ -123,7 +125,7 @@ def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     with open(os.path.join(out, f"report_{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
-                  max_count=4 * n_moe * model.cfg.top_k, first="image" if name == "real" else "sample")
+                  max_count=4 * n_moe * model.cfg.top_k, first="image" if name == "noised" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
     return report
 
@@ -134,32 +136,34 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (the paper reports EMA)")
-    p.add_argument("--steps", type=int, default=250, help="Euler steps (paper: 250)")
+    p.add_argument("--sample-steps", type=int, default=250, help="Euler steps (paper: 250)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale; 1.0 turns guidance off (one pass)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses the seed's generator for item i (common.generator)")
     p.add_argument("--out", default=None, help="output folder (default: CKPT's folder/samples)")
     p.add_argument("--grid", type=int, default=64, help="images in OUT/grid.png (0: none)")
     p.add_argument("--num-samples", type=int, default=0, help="write OUT/samples.npz with this many images")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward, per rank")
-    p.add_argument("--report", action="store_true", help="write the routing-versus-saliency report")
+    p.add_argument("--report", choices=tuple(VIEWS), default=None, help="write the routing-versus-saliency report "
+                   "in this view: " + "; ".join(f"{k}: {v}" for k, v in VIEWS.items()))
     p.add_argument("--report-images", type=int, default=32, help="images in the routing report")
-    p.add_argument("--real", action="store_true", help="report on real held-out images noised along one trajectory "
-                   "(--data, or the checkpoint's held-out images)")
-    p.add_argument("--reference", default=None, help="report on the rollout of this dense checkpoint (same data): "
-                   "the states it samples, routed by --ckpt, against its final images")
-    p.add_argument("--data", default=None, help="image or latent folder for --real (default: the held-out images "
-                   "of the checkpoint's data)")
+    p.add_argument("--reference", default=None, help="--report reference: the dense checkpoint (same data) whose "
+                   "rollout --ckpt routes")
+    p.add_argument("--data", default=None, help="--report noised: an image or latent folder (default: the held-out "
+                   "images of the checkpoint's data)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16 autocast or full fp32 "
+                   "(default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE to decode with (default: the one its "
                    "latent folder was made with, a local folder or Hugging Face id)")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(os.path.dirname(args.ckpt), "samples")
-    for ok, msg in ((args.steps >= 1, f"--steps {args.steps} must be at least 1"),
+    for ok, msg in ((args.sample_steps >= 1, f"--sample-steps {args.sample_steps} must be at least 1"),
                     (args.num_samples >= 0, f"--num-samples {args.num_samples} must be 0 or more"),
                     (args.grid >= 0, f"--grid {args.grid} must be 0 (no grid) or more"),
                     (args.batch_size >= 1, f"--batch-size {args.batch_size} must be at least 1"),
                     (args.report_images >= 1, f"--report-images {args.report_images} must be at least 1"),
                     (args.cfg_scale >= 0, f"--cfg-scale {args.cfg_scale} must be 0 or more (1: no guidance; paper: 1.5)"),
-                    (not (args.real and args.reference), "--real and --reference are two reports; pass one")):
+                    ((args.report == "reference") == bool(args.reference),
+                     "--report reference needs --reference DENSE_CKPT, and --reference goes with --report reference")):
         if not ok:
             raise UserError(msg)
     check_out_folder(args.out, "--out")
@@ -167,25 +171,75 @@ def parse_args(argv=None):
 
 
 def report_images(args, train_args, n, device):
-    """The images of a --real report: --data, or the held-out images of the checkpoint's data;
-    with fixed noise from --seed (data.probe_batch). Returns (x0, y, eps) and the class count."""
+    """The images of a noised-view report: --data, or the held-out images of the checkpoint's
+    data; with fixed noise from --seed (data.probe_batch). Returns (x0, y, eps) and the class count."""
     if args.data:
-        held_out = LatentFolder(args.data, pairs=False, allow_empty=True) if is_latent_folder(args.data) else \
-            ImageFolder(args.data, train_args["image_size"], allow_empty=True)
+        held_out = open_folder(args.data, train_args["image_size"], pairs=False, allow_empty=True)
     else:
-        held_out = make_datasets(**train_args)[1]
+        held_out = make_datasets(**data_flags(train_args))[1]
     return probe_batch(held_out, n, args.seed, device), len(held_out.classes)
+
+
+def report(args, model, train_args, reference, pixels, oracle, device):
+    """The routing report of --report's view."""
+    cfg = model.cfg
+    if args.report == "noised":                                 # held-out images, one noised trajectory
+        (x0, y, eps), n_classes = report_images(args, train_args, args.report_images, device)
+        if n_classes != cfg.num_classes or x0.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(x0.shape[1:])}; "
+                            f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
+        ts = torch.linspace(1, 0, args.sample_steps + 1)[:-1]   # the sampler's steps
+        counts = sm.routing_probe(model, x0, y, eps, ts.tolist(), oracle=oracle)["counts"]
+        return routing_report(model, x0, pixels(x0), counts, ts, args.out, "noised", args.ckpt)
+    noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
+    noise, y = noise.to(device), y.to(device)
+    if args.report == "reference":                              # a dense model's rollout, routed by this one
+        x, ts, _, states = sm.rollout_routing(reference, noise, y, args.sample_steps, args.cfg_scale)
+        counts = sm.routing_along(model, states, ts, y, args.cfg_scale, x if oracle else None)
+    else:                                                       # along the model's own rollout
+        x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.sample_steps, args.cfg_scale)
+    return routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, args.report, args.ckpt)
+
+
+def write_samples(args, model, pixels, rank, world, device):
+    """OUT/samples.npz (arr_0 images, arr_1 labels): sample i on rank i % world (a rank past the
+    last sample has none), gathered by rank 0."""
+    mine = list(range(rank, args.num_samples, world))
+    images, labels = [], []
+    for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
+        noise, y = noise_and_labels(mine[start:start + args.batch_size], model.cfg, args.seed)
+        images.append(pixels(sm.sample(model, noise.to(device), y.to(device), args.sample_steps, args.cfg_scale)))
+        labels.append(y.numpy())
+    part = lambda r: os.path.join(args.out, f".part{r}.npz")
+    if mine:
+        np.savez(part(rank), images=np.concatenate(images), labels=np.concatenate(labels))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        arr, lab = None, np.zeros(args.num_samples, np.int64)
+        for r in range(min(world, args.num_samples)):
+            with np.load(part(r)) as f:
+                if arr is None:                                 # (decoded size, in latent mode)
+                    arr = np.zeros((args.num_samples, *f["images"].shape[1:]), np.uint8)
+                arr[r::world], lab[r::world] = f["images"], f["labels"]
+            os.remove(part(r))
+        save_npz(os.path.join(args.out, "samples.npz"), arr_0=arr, arr_1=lab)
+        print(f"wrote {args.out}/samples.npz: arr_0 {arr.shape} uint8, arr_1 labels")
 
 
 @torch.no_grad()                                               # scoped: no global grad switch
 def main(args):
+    # 1. the model, its decoder, and what the report needs (checked before any sampling)
     rank, world, device = setup_distributed()
     model, train_args = load_model(args.ckpt, args.weights, device)
     cfg = model.cfg
     oracle = bool(train_args.get("oracle")) and cfg.sharpmoe   # trained to route with the true x0
-    if args.report and oracle and not (args.real or args.reference):
+    if args.report and not model.moe_layers():
+        raise UserError("the routing report needs an MoE model; this checkpoint is dense")
+    if args.report == "rollout" and oracle:
         raise UserError(f"{args.ckpt} routes with the true image (--oracle); its own rollout has none: "
-                        "report with --real or --reference")
+                        "--report noised or reference")
+    reference = load_reference(args.reference, cfg, args.weights, device) if args.reference else None
     os.makedirs(args.out, exist_ok=True)
     decode_latents = lambda x: x                                # pixel mode: the model's x is the image
     if train_args.get("latent"):                                # latent mode: decode with the data's VAE
@@ -193,73 +247,26 @@ def main(args):
         if vae.config.scaling_factor != scale:
             raise UserError(f"--vae {args.vae} scales latents by {vae.config.scaling_factor}, the model's latent data "
                             f"by {scale} (its meta.json); pass the VAE the data was made with")
-        decode_latents = lambda x: decode(vae, x)
+        decode_latents = lambda x: decode(vae, x.float())
     pixels = lambda x: to_uint8(decode_latents(x))              # (B, C, h, w) -> (B, H, W, 3) uint8
     if cfg.router == "diffmoe" and rank == 0:
         print("note: DiffMoE's capacity at inference depends on the batch: its samples change with --batch-size "
               "and the number of ranks (not only its compute)")
-
-    # 1. the grid
-    if args.grid and rank == 0:
-        noise, _ = noise_and_labels(range(args.grid), cfg, args.seed)
-        y = torch.arange(args.grid) % cfg.num_classes                # one class per column
-        x = sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)
-        nrow = min(cfg.num_classes, args.grid)
-        save_grid(pixels(x), os.path.join(args.out, "grid.png"), nrow, train_args.get("classes"))
-        print(f"wrote {args.out}/grid.png")
-
-    # 2. samples.npz: sample i on rank i % world (a rank past the last sample has none)
-    if args.num_samples:
-        mine = list(range(rank, args.num_samples, world))
-        images, labels = [], []
-        for start in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="sampling"):
-            noise, y = noise_and_labels(mine[start:start + args.batch_size], cfg, args.seed)
-            images.append(pixels(sm.sample(model, noise.to(device), y.to(device), args.steps, args.cfg_scale)))
-            labels.append(y.numpy())
-        part = lambda r: os.path.join(args.out, f".part{r}.npz")
-        if mine:
-            np.savez(part(rank), images=np.concatenate(images), labels=np.concatenate(labels))
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            arr, lab = None, np.zeros(args.num_samples, np.int64)
-            for r in range(min(world, args.num_samples)):
-                with np.load(part(r)) as f:
-                    if arr is None:                             # (decoded size, in latent mode)
-                        arr = np.zeros((args.num_samples, *f["images"].shape[1:]), np.uint8)
-                    arr[r::world], lab[r::world] = f["images"], f["labels"]
-                os.remove(part(r))
-            save_npz(os.path.join(args.out, "samples.npz"), arr_0=arr, arr_1=lab)
-            print(f"wrote {args.out}/samples.npz: arr_0 {arr.shape} uint8, arr_1 labels")
-
-    # 3. the routing report
-    if args.report and rank == 0:
-        if not model.moe_layers():
-            raise UserError("the routing report needs an MoE model; this checkpoint is dense")
-        if args.real:                                           # view 1: held-out images, one noised trajectory
-            (x0, y, eps), n_classes = report_images(args, train_args, args.report_images, device)
-            if n_classes != cfg.num_classes or x0.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-                raise UserError(f"--data does not fit the model ({n_classes} classes, inputs {tuple(x0.shape[1:])}; "
-                                f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
-            ts = torch.linspace(1, 0, args.steps + 1)[:-1]      # the sampler's steps
-            counts = sm.routing_probe(model, x0, y, eps, ts.tolist(), oracle=oracle)["counts"]
-            routing_report(model, x0, pixels(x0), counts, ts, args.out, "real", args.ckpt)
-        else:
-            noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
-            noise, y = noise.to(device), y.to(device)
-            if args.reference:                                  # view 3: a dense model's rollout, routed by this one
-                ref, _ = load_model(args.reference, args.weights, device)
-                if ref.moe_layers() or (ref.cfg.in_channels, ref.cfg.image_size, ref.cfg.num_classes) != \
-                        (cfg.in_channels, cfg.image_size, cfg.num_classes):
-                    raise UserError(f"--reference {args.reference} must be a dense model of the same data "
-                                    "(train.py --router dense)")
-                x, ts, _, states = sm.rollout_routing(ref, noise, y, args.steps, args.cfg_scale)
-                counts = sm.routing_along(model, states, ts, y, x if oracle else None)
-                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out,
-                               "reference", args.ckpt)
-            else:                                               # view 2: along the model's own rollout
-                x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.steps, args.cfg_scale)
-                routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, "generated", args.ckpt)
+    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        # 2. the grid: one class per column
+        if args.grid and rank == 0:
+            noise, _ = noise_and_labels(range(args.grid), cfg, args.seed)
+            y = torch.arange(args.grid) % cfg.num_classes
+            x = sm.sample(model, noise.to(device), y.to(device), args.sample_steps, args.cfg_scale)
+            save_grid(pixels(x), os.path.join(args.out, "grid.png"), min(cfg.num_classes, args.grid),
+                      train_args.get("classes"))
+            print(f"wrote {args.out}/grid.png")
+        # 3. samples.npz, 4. the routing report
+        if args.num_samples:
+            write_samples(args, model, pixels, rank, world, device)
+        if args.report and rank == 0:
+            report(args, model, train_args, reference, pixels, oracle, device)
     if world > 1:
         dist.destroy_process_group()
 

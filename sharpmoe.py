@@ -7,11 +7,11 @@ Deng et al., arXiv 2606.26938 (ECCV 2026). No official code exists; this is a re
 The paper, part by part, and where it lives here (top to bottom):
 
   DiT-MoE: a DiT whose FFN is an MoE layer in every other block      DiT, Block, MoE, Experts
-    TC-DiT: each token takes its top-k experts                        token_choice
+    TC-DiT: each token takes its top-k experts; a balance loss        token_choice, balance_loss
     EC-DiT: each expert takes its top-C tokens of each image          expert_choice_in_image
     DiffMoE: expert choice over the batch's pool; capacity            expert_choice_in_pool,
       predictor and thresholds for dynamic capacity at inference      MoE.train_capacity_predictor,
-                                                                      threshold_choice
+                                                                      update_thresholds, threshold_choice
   Part 1, dual router: S = R_pre(h_t) + R_sal(features of x0_hat)     MoE.forward, SaliencyRouter,
                                                                       DiT.forward, add_saliency_routers
   Part 2, recursive trajectory: T steps of one trajectory, x0_hat     trajectory_timesteps, unroll
@@ -22,9 +22,9 @@ The paper, part by part, and where it lives here (top to bottom):
     L_routing = KL(softmax(A) || softmax(M))                          routing_loss
     L = L_fm + lambda L_routing over the trajectory                   trajectory_loss
   Sampler: Euler, t = 1 -> 0, CFG, x0_hat carried into R_sal          euler_steps, guided_velocity
-  The key figure: expert count against saliency per denoising step   routing_probe (noised images),
-                                                                      rollout_routing (generation),
-                                                                      routing_along (given states)
+  The key figure: expert count against saliency per denoising step   routing_probe (noised view),
+                                                                      rollout_routing (rollout view),
+                                                                      routing_along (reference view)
   Ours: the same gradient with one step's graph in memory             trajectory_backward_stepwise
 
 Conventions (paper): t in [0, 1], t = 1 is pure noise; x_t = (1 - t) x0 + t eps; v = eps - x0;
@@ -41,9 +41,15 @@ Choices that are ours where the paper gives none:
     softmax.
   - Experts use the exact GELU (DiT uses the tanh approximation, several times slower on CPU).
   - DiffMoE's thresholds start at 0 (its capacity predictor, Linear(D, D)-SiLU-Linear(D, E), is
-    as in DiffMoE's code).
+    as in DiffMoE's code). They move once per iteration: in SharpMoE post-training from steps
+    2..T of the trajectory together, a pool that mixes noise levels as pretraining's does (per
+    forward, as DiffMoE's code, each pool holds one t-bin and they drift; update_thresholds).
+    The EMA weights get thresholds fitted to their own predictor (fit_thresholds). Under CFG,
+    DiffMoE's two halves route in pools of their own, as DiffMoE samples (guided_velocity).
+  - TC's balance loss (alpha 0.01, the peers') is taken per image and averaged, so that it does
+    not depend on how many ranks share the batch.
   - Gates are softmax probabilities over experts and are not renormalized after selection.
-  - Beside the paper's routing loss (the defaults of SharpMoELoss), three options: a count-aware
+  - Beside the paper's routing loss (the defaults of SharpMoEOptions), three options: a count-aware
     routed mass (`mass="count"`: under expert choice the paper's gate mass can lower a token's
     expert count when the loss raises its mass; see routed_mass), one KL per step instead of one
     on the trajectory sum (`scope="step"`), and M minus the training data's mean saliency per
@@ -272,15 +278,38 @@ class Experts(nn.Module):
         h = F.gelu(torch.baddbmm(self.b1.unsqueeze(1), x, self.w1))
         return torch.baddbmm(self.b2.unsqueeze(1), h, self.w2)
 
-    def ragged(self, x, counts):
+    def ragged(self, x, counts, grouped=None):
         """Variable counts: x (P, D), P (token, expert) pairs sorted by expert, counts (E,) ->
-        (P, D), one matmul pair per expert. unbind, not self.w1[e]: the backward of indexing a
-        parameter would write a zero (E, D, H) gradient per expert. (On a CPU this loop beats
-        F.grouped_mm by a fifth, bench.py part 5; bench.py --gpu compares the two on a GPU.)"""
+        (P, D). On a CPU one matmul pair per expert (unbind, not self.w1[e]: the backward of
+        indexing a parameter would write a zero (E, D, H) gradient per expert; this loop beats
+        F.grouped_mm on a CPU by a fifth, bench.py part 5). grouped (default: on a GPU under bf16,
+        where torch has a fast grouped kernel and the loop costs a host sync per expert): all
+        experts in one F.grouped_mm pair (bench.py --gpu compares the two)."""
+        if grouped is None:
+            grouped = x.is_cuda and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda"))
+        if grouped:
+            return self.grouped(x, counts)
         w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         chunks = x.split(counts.tolist())                       # E chunks of (n_e, D)
         return torch.cat([torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], xe, w1[e])), w2[e])
                           for e, xe in enumerate(chunks)])
+
+    def grouped(self, x, counts, align=16):
+        """ragged with F.grouped_mm. Each expert's rows start at a multiple of `align` (zero rows
+        pad the groups, as grouped GEMM kernels want aligned groups; they are dropped after).
+        grouped_mm is not covered by autocast: the operands are cast to its dtype here."""
+        device = x.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        E, P = counts.shape[0], x.shape[0]
+        padded = (counts + align - 1) // align * align          # (E,) rows per group
+        ends = padded.cumsum(0)
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=P)   # (P,)
+        row = (ends - padded)[expert] + torch.arange(P, device=x.device) - (counts.cumsum(0) - counts)[expert]
+        rows = torch.repeat_interleave(torch.arange(E, device=x.device), padded)   # expert of each padded row
+        xp = x.new_zeros(rows.shape[0], x.shape[1], dtype=dt).index_copy(0, row, x.to(dt))
+        offs = ends.to(torch.int32)
+        h = F.gelu(F.grouped_mm(xp, self.w1.to(dt), offs=offs) + self.b1.to(dt)[rows])
+        return (F.grouped_mm(h, self.w2.to(dt), offs=offs) + self.b2.to(dt)[rows]).index_select(0, row)
 
 
 class SaliencyRouter(nn.Module):
@@ -610,12 +639,17 @@ def interpolate(x0, eps, t):
     return (1 - t) * x0 + t * eps                               # x_t, t = 1 is noise
 
 
+def flow_target(x0, eps):
+    """The velocity of the straight path from x0 (t = 0) to eps (t = 1): d x_t / dt."""
+    return eps - x0
+
+
 def flow_loss(model, cfg, x0, y, draw):
     """One-step rectified flow: mean ||v_theta(x_t, t, y) - (eps - x0)||^2 for a T = 1 Draw.
     Returns (loss, aux, routes)."""
     t = draw.ts[0]
     v, aux, routes = model(interpolate(x0, draw.eps, t), t, drop_labels(y, draw.drop, cfg.num_classes))
-    return F.mse_loss(v.float(), draw.eps - x0), aux, routes
+    return F.mse_loss(v.float(), flow_target(x0, draw.eps)), aux, routes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,10 +677,12 @@ def laplacian_saliency(x0, patch_size):
     """M (SharpMoE part 3): |Laplacian(x0)|, channel mean, average-pooled per patch. (B, N).
     Replicate padding, so a flat image has zero saliency everywhere, borders included."""
     B, ch, H, W = x0.shape
+    x0 = fp32_or_wider(x0)                                      # in fp32 under bf16 autocast too:
     k = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=x0.device, dtype=x0.dtype)
-    x = F.pad(x0.reshape(B * ch, 1, H, W), (1, 1, 1, 1), mode="replicate")
-    lap = F.conv2d(x, k.view(1, 1, 3, 3)).abs().view(B, ch, H, W).mean(1, keepdim=True)
-    return F.avg_pool2d(lap, patch_size).flatten(1)             # (B, N)
+    with torch.autocast(x0.device.type, enabled=False):        # in bf16 its ranks agreed at 0.82
+        x = F.pad(x0.reshape(B * ch, 1, H, W), (1, 1, 1, 1), mode="replicate")
+        lap = F.conv2d(x, k.view(1, 1, 3, 3)).abs().view(B, ch, H, W).mean(1, keepdim=True)
+        return F.avg_pool2d(lap, patch_size).flatten(1)         # (B, N)
 
 
 # The candidate pool among which each expert chooses, as dims of (B, N, E): an image's tokens for
@@ -694,14 +730,16 @@ def routing_loss(A, M, temp=1.0):
 
 
 @dataclass
-class SharpMoELoss:
-    """How a SharpMoE iteration forms its loss. The defaults are the paper's; the rest is ours."""
+class SharpMoEOptions:
+    """How a SharpMoE post-training iteration forms and back-propagates its loss. The defaults
+    are the paper's; the rest is ours."""
     lam: float = 0.001          # lambda, the weight of L_routing (paper: 0.001)
     temp: float = 1.0           # softmax temperature after standardizing A and M (ours)
     mass: str = "gate"          # A: "gate", the paper's gate mass; "count", our soft count
     scope: str = "trajectory"   # one KL on A summed over the "trajectory" (paper), or one per "step" (ours)
     saliency_mean: Optional[torch.Tensor] = None   # (N,): M minus this, the data's mean per position (ours)
     oracle: bool = False        # R_sal routes with the true x0, not x0_hat (an ablation bound)
+    stepwise: bool = True       # backward one step's graph at a time (ours; the same gradient)
 
 
 def trajectory_terms(model, cfg, x0, y, draw, opts):
@@ -712,7 +750,7 @@ def trajectory_terms(model, cfg, x0, y, draw, opts):
     xs = (interpolate(x0, draw.eps, t) for t in draw.ts)
     for v, aux, routes in unroll(model, xs, draw.ts, y, x0 if opts.oracle else None):
         A = routed_mass(routes, cfg.router, opts.mass).float() if cfg.router != "tc" else None
-        yield F.mse_loss(v.float(), draw.eps - x0), aux, A, expert_count(routes).detach()
+        yield F.mse_loss(v.float(), flow_target(x0, draw.eps)), aux, A, expert_count(routes).detach()
 
 
 def saliency_target(x0, cfg, opts):
@@ -740,28 +778,31 @@ def trajectory_loss(model, cfg, x0, y, draw, opts):
     return L_fm + opts.lam * L_routing, sum(a / T for a in aux), stats
 
 
-def forward_backward(model, cfg, x0, y, draw, opts=None, stepwise=True, autocast=nullcontext, no_sync=nullcontext):
-    """One training iteration's forward and backward (gradients accumulate in the parameters).
-    opts None: one-step rectified flow (pretraining, the controls); else SharpMoE, back-propagated
-    all at once or, stepwise, one step's graph at a time (the same gradient; see the last
-    section). autocast wraps each forward; no_sync (DDP's) the backwards that must not all-reduce.
-    Then DiffMoE's thresholds move once (update_thresholds). Returns detached stats: fm, aux,
-    routing (scalars; the loss is fm + lam * routing + aux) and counts (T, B, N), each token's
-    expert count per step (None for a dense model)."""
-    if opts is not None and stepwise:
-        stats = trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast, no_sync)
-        update_thresholds(model, skip_first=True)
-        return stats
-    with autocast():
-        if opts is None:
+def forward_backward(model, cfg, x0, y, draw, opts=None, autocast=nullcontext, no_sync=nullcontext):
+    """One training iteration's forward and backward (gradients accumulate in the parameters),
+    then DiffMoE's thresholds move once (update_thresholds). model may be wrapped in DDP; cfg is
+    its Config (the wrapper hides model.cfg). opts None: one-step rectified flow (pretraining,
+    the controls; flow_loss). opts a SharpMoEOptions: L = L_fm + lambda L_routing on a
+    trajectory (trajectory_loss), back-propagated at once or, opts.stepwise, one step's graph at
+    a time (the same gradient; see the last section). autocast wraps each forward; no_sync
+    (DDP's) the backwards that must not all-reduce. Returns detached stats: fm, aux, routing
+    (scalars; the loss is fm + lam * routing + aux) and counts (T, B, N), each token's expert
+    count per step (None for a dense model)."""
+    if opts is None:
+        with autocast():
             loss, aux, routes = flow_loss(model, cfg, x0, y, draw)
-            stats = dict(fm=loss.detach(), routing=torch.zeros((), device=x0.device),
-                         counts=expert_count(routes)[None] if routes else None)
-        else:
+        (loss + aux).backward()
+        stats = dict(fm=loss.detach(), routing=torch.zeros((), device=x0.device), aux=torch.as_tensor(aux, device=x0.device).detach(),
+                     counts=expert_count(routes)[None] if routes else None)
+    elif opts.stepwise:
+        stats = trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast, no_sync)
+    else:
+        with autocast():
             loss, aux, stats = trajectory_loss(model, cfg, x0, y, draw, opts)
-    (loss + aux).backward()
+        (loss + aux).backward()
+        stats["aux"] = torch.as_tensor(aux, device=x0.device).detach()
     update_thresholds(model, skip_first=opts is not None)
-    return dict(stats, aux=torch.as_tensor(aux, device=x0.device).detach())
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,14 +856,15 @@ def sample(model, noise, y, steps=250, cfg_scale=1.5):
 # Measuring routing: expert count against saliency, per denoising step
 #
 # The paper's key figure is the expert count of each token against its Laplacian saliency, per
-# denoising step, "along the generation rollout": rollout_routing is that protocol. Two more views
-# of the same measure, because they answer other questions:
-#   rollout_routing  the sampler's own rollout against the saliency of the generated image (the
-#                    paper's view); here counts can cause saliency (more experts, more detail)
-#   routing_probe    real held-out images noised along one trajectory, x0_hat chained: no such
-#                    feedback, and a held-out loss beside it; but early x_t say little of the image
-#   routing_along    given states (a dense model's rollout) routed by any model, x0_hat chained
-#                    from its own velocity: generation without the feedback
+# denoising step, "along the generation rollout". Three views of that measure, because they
+# answer different questions (README and compare.py use the same names):
+#   noised     routing_probe: real held-out images noised along one trajectory, x0_hat chained;
+#              no feedback from counts to saliency, and a held-out loss beside it; but early x_t
+#              say little of the image
+#   rollout    rollout_routing: the sampler's own rollout against the saliency of the generated
+#              image (the paper's view); here counts can cause saliency (more experts, more detail)
+#   reference  routing_along: a dense model's rollout routed by any model, x0_hat chained from
+#              its own velocity: generation without that feedback
 # count_saliency turns each into per-step correlations: the raw one (the paper's) and one
 # controlled for position (ours).
 
@@ -882,9 +924,9 @@ EARLY = 0.8                                                     # "early steps":
 
 @torch.no_grad()
 def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
-    """View 1, on fixed images x0 (held out from training), labels y and noise eps: one noised
-    trajectory per image, x_t = interpolate(x0, eps, t), with x0_hat chained from t = 0.999 as
-    in training and sampling. Returns (K,) tensors corr and corr_pos (count_saliency), loss (the
+    """The noised view, on fixed images x0 (held out from training), labels y and noise eps:
+    one noised trajectory per image, x_t = interpolate(x0, eps, t), with x0_hat chained from
+    t = 0.999 as in training and sampling. Returns (K,) tensors corr and corr_pos (count_saliency), loss (the
     flow-matching loss at the same t and noise), and counts (K, B, N). oracle: route with the
     true x0 (for a model trained that way)."""
     mode = model.training
@@ -894,7 +936,7 @@ def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
     counts, loss = [], []
     for v, _, routes in unroll(model, xs, ts, y, x0 if oracle else None):
         counts.append(expert_count(routes))
-        loss.append(F.mse_loss(v.float(), eps - x0))
+        loss.append(F.mse_loss(v.float(), flow_target(x0, eps)))
     model.train(mode)
     counts = torch.stack(counts)
     return dict(count_saliency(counts, laplacian_saliency(x0, model.cfg.patch_size)),
@@ -903,8 +945,8 @@ def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
 
 @torch.no_grad()
 def rollout_routing(model, noise, y, steps, cfg_scale=1.0):
-    """View 2: generate with euler_steps, recording each token's expert count at every step
-    (conditional half, summed over MoE layers). Returns the generated x (B, C, H, W), ts (K,),
+    """The rollout view: generate with euler_steps, recording each token's expert count at
+    every step (conditional half, summed over MoE layers). Returns the generated x (B, C, H, W), ts (K,),
     counts (K, B, N) (None for a dense model) and states (K, B, C, H, W), the x each step
     started from. Call model.eval() first."""
     x, ts, counts, states = noise, [], [], []
@@ -917,16 +959,21 @@ def rollout_routing(model, noise, y, steps, cfg_scale=1.0):
 
 
 @torch.no_grad()
-def routing_along(model, states, ts, y, oracle_x0=None):
-    """View 3: the expert counts (K, B, N) of `model` routing the given states (K, B, C, H, W) at
-    times ts (K,), x0_hat chained from its own velocity (unroll); conditional labels y (B,).
+def routing_along(model, states, ts, y, cfg_scale=1.0, oracle_x0=None):
+    """The reference view: the expert counts (K, B, N) of `model` routing the given states
+    (K, B, C, H, W) at times ts (K,), labels y (B,), with x0_hat chained from its own guided
+    velocity as the sampler chains it (guided_velocity; the conditional half's routes).
     oracle_x0: route with these final images instead (for a model trained with the true x0)."""
     mode = model.training
     model.eval()
-    tb = ts[:, None].expand(-1, states.shape[1])
-    counts = torch.stack([expert_count(routes) for _, _, routes in unroll(model, states, tb, y, oracle_x0)])
+    counts, x0_hat = [], states[0]                              # step 1 routes with x_t itself
+    for x, t in zip(states, ts):
+        v, routes = guided_velocity(model, x, t.expand(x.shape[0]), y,
+                                    x0_hat if oracle_x0 is None else oracle_x0, cfg_scale)
+        counts.append(expert_count(routes))
+        x0_hat = x - t * v
     model.train(mode)
-    return counts
+    return torch.stack(counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -966,7 +1013,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcon
                     L_k = routing_loss(A_k, M, opts.temp) / T
                     loss, step_losses = loss + opts.lam * L_k, step_losses + L_k.detach()
             loss.backward()
-        fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux).detach() / T
+        fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux, device=x0.device).detach() / T
         counts.append(count)
     routing = L_routing.detach() if coupled else (step_losses if A_k is not None else fm_sum * 0)
     return dict(fm=fm_sum, aux=aux_sum, routing=routing, counts=torch.stack(counts))

@@ -15,7 +15,7 @@ import fid
 import sharpmoe as sm
 import train
 from common import UserError, save_npz, to_uint8
-from data import (ImageFolder, LatentFolder, Strokes, center_crop, decode, encode, load_vae, make_datasets,
+from data import (HELD_OUT, ImageFolder, LatentFolder, Shapes, Strokes, center_crop, decode, encode, load_vae, make_datasets,
                   position_saliency)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -920,3 +920,31 @@ def test_broken_latent_folders_and_missing_diffusers_get_one_line(tmp_path, late
     missing = str(tmp_path / "no-such-vae")                      # neither a folder nor a valid Hub id: no network
     with pytest.raises(UserError, match=f"cannot load the VAE '{missing}' .* pass --vae /path/to/it"):
         load_vae(missing)
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier.py and quality.py: sample quality at CPU scale
+
+def test_classifier_measure_recognizes_real_images_and_sees_wrong_labels_and_noise(tmp_path, capsys):
+    """A classifier trained by classifier.py (tiny: 33 steps) measures held-out real images near
+    its noise floor and well above chance; the same images under wrong labels lose the accuracy
+    but not the distance; noise loses both. fid.py --classifier prints the same numbers."""
+    import classifier
+    from quality import load_classifier, sample_quality
+    acc = classifier.main(classifier.parse_args(["--out", str(tmp_path), "--builtin", "shapes", "--builtin-size",
+                                                 "1500", "--epochs", "3", "--ref-images", "300"]))
+    assert f"held-out accuracy {acc:.3f} on 300 images" in capsys.readouterr().out
+    clf, ckpt = load_classifier(str(tmp_path / "classifier.pt"))
+    held = Shapes(32, 200, start=HELD_OUT + 5000)               # neither the reference nor the floor
+    images = to_uint8(torch.stack([held[i][0] for i in range(200)]))
+    labels = np.array([held[i][1] for i in range(200)])
+    real, wrong = sample_quality(clf, ckpt, images, labels), sample_quality(clf, ckpt, images, (labels + 1) % 10)
+    noise = sample_quality(clf, ckpt, np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8), labels)
+    assert real["accuracy"] > 0.25 and wrong["accuracy"] < real["accuracy"] / 2 and noise["accuracy"] < 0.2
+    assert real["fd"] < 2 * real["floor"] and wrong["fd"] == real["fd"] and noise["fd"] > 100 * real["floor"]
+    assert real["floor"] == noise["floor"] > 0
+    save_npz(str(tmp_path / "s.npz"), arr_0=images, arr_1=labels)
+    r = subprocess.run([sys.executable, "fid.py", str(tmp_path / "s.npz"), "--classifier", str(tmp_path / "classifier.pt")],
+                       cwd=HERE, capture_output=True, text=True)
+    assert f"classifier Fréchet distance {real['fd']:.3f} (noise floor {real['floor']:.3f}" in r.stdout, r.stderr
+    assert f"accuracy {real['accuracy']:.3f}" in r.stdout

@@ -1,6 +1,7 @@
 """Tests of the method, sharpmoe.py: CPU only, tiny configs. Run: python -m pytest -q"""
 import math
 from copy import deepcopy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -168,7 +169,7 @@ def test_diffmoe_thresholds_pool_the_t_steps_of_a_trajectory_once_per_iteration(
     layer = model.moe_layers()[0]
     inputs = []
     hook = layer.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().flatten(0, 1)))
-    sm.forward_backward(model, model.cfg, x, y, draw, sm.SharpMoELoss(lam=0.0), stepwise=False)
+    sm.forward_backward(model, model.cfg, x, y, draw, sm.SharpMoEOptions(lam=0.0, stepwise=False))
     hook.remove()
     assert len(inputs) == 4 and not layer.pool_scores           # consumed
     with torch.no_grad():
@@ -260,7 +261,7 @@ def test_diffmoe_post_training_keeps_the_control_inference_compute():
 
     base = train(sm.DiT(tiny("diffmoe")), 200)
     control = train(deepcopy(base), 40, seed=1)
-    post = train(sm.add_saliency_routers(deepcopy(base)), 40, sm.SharpMoELoss(lam=0.0), T=4, seed=1)
+    post = train(sm.add_saliency_routers(deepcopy(base)), 40, sm.SharpMoEOptions(lam=0.0), T=4, seed=1)
     hx, hy = torch.stack([held[i][0] for i in range(64)]), torch.tensor([held[i][1] for i in range(64)])
     eps = torch.randn(hx.shape, generator=torch.Generator().manual_seed(0))
     compute = [sm.routing_probe(m, hx, hy, eps)["counts"].float().mean().item() for m in (control, post)]
@@ -290,11 +291,13 @@ def test_diffmoe_inference_uses_thresholds_and_compute_moves_with_input():
     moe.thresholds.fill_(0.5)
     x = torch.randn(2, cfg.num_tokens, cfg.width)
     with torch.no_grad():
-        scores = moe.capacity_predictor(x.reshape(-1, cfg.width)).sigmoid()
-        _, _, (_, mask) = moe(x)
-        assert torch.equal(mask.sum((0, 1)), (scores > moe.thresholds).sum(0))
-        totals = {int(moe(x * scale)[2][1].sum()) for scale in (0.2, 1.0, 5.0)}
-    assert len(totals) > 1                                     # compute depends on the input
+        totals = []
+        for scale in (0.2, 1.0, 5.0):
+            scores = moe.capacity_predictor(x.reshape(-1, cfg.width) * scale).sigmoid()
+            _, _, (_, mask) = moe(x * scale)
+            assert torch.equal(mask.sum((0, 1)), (scores > moe.thresholds).sum(0))   # per expert
+            totals.append(int(mask.sum()))
+    assert len(set(totals)) == 3                                # compute depends on the input
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,17 +319,20 @@ def test_adaln_zero_every_block_is_the_identity_and_the_output_zero_at_init(rout
 
 
 def test_loss_falls_on_builtin_data():
+    """A toy that must learn: 60 steps on 32 images cut the loss on fixed draws by 30% (at init the
+    output is zero, so the loss is the target's own mean square)."""
     torch.manual_seed(0)
     cfg = tiny("ec")
     model = sm.DiT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     x, y = batch(32)
-    losses = []
+    fixed = sm.draw_training(cfg, 32, generator=torch.Generator().manual_seed(1))
+    before = sm.flow_loss(model, cfg, x, y, fixed)[0].item()
+    assert before == pytest.approx(sm.flow_target(x, fixed.eps).pow(2).mean().item())
     for _ in range(60):
         loss, aux, _ = sm.flow_loss(model, cfg, x, y, sm.draw_training(cfg, 32))
         opt.zero_grad(); (loss + aux).backward(); opt.step()
-        losses.append(loss.item())
-    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert sm.flow_loss(model, cfg, x, y, fixed)[0].item() < 0.7 * before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +385,7 @@ def test_trajectory_chains_detached_x0_hat():
     cfg = tiny("ec", sharpmoe=True)
     rec = Recorder(pretrained_like(sm.DiT(cfg)))
     x0, y = batch()
-    loss, _, stats = sm.trajectory_loss(rec, cfg, x0, y, sm.draw_training(cfg, 4, T=5), sm.SharpMoELoss())
+    loss, _, stats = sm.trajectory_loss(rec, cfg, x0, y, sm.draw_training(cfg, 4, T=5), sm.SharpMoEOptions())
     assert len(rec.calls) == 5 and stats["counts"].shape == (5, 4, cfg.num_tokens)
     x1, t1, hat1, _ = rec.calls[0]
     assert torch.equal(hat1, x1) and (t1 == 0.999).all()       # step 1 routes with x_{t_1}
@@ -457,14 +463,14 @@ def test_post_training_lowers_the_routing_loss_through_r_sal_alone():
 
     def routing(m):
         with torch.no_grad():
-            return sm.trajectory_loss(m, m.cfg, x, y, fixed, sm.SharpMoELoss(oracle=True))[2]["routing"].item()
+            return sm.trajectory_loss(m, m.cfg, x, y, fixed, sm.SharpMoEOptions(oracle=True))[2]["routing"].item()
 
     before = routing(model)
     assert before == routing(base)                              # R_sal starts at zero
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(30):
         draw = sm.draw_training(model.cfg, 16, T=3)
-        loss, aux, _ = sm.trajectory_loss(model, model.cfg, x, y, draw, sm.SharpMoELoss(lam=10.0, oracle=True))
+        loss, aux, _ = sm.trajectory_loss(model, model.cfg, x, y, draw, sm.SharpMoEOptions(lam=10.0, oracle=True))
         opt.zero_grad(); (loss + aux).backward(); opt.step()
     assert routing(model) < 0.7 * before
 
@@ -546,7 +552,7 @@ def test_routing_scope_step_and_residual_target_by_hand():
         for scope, mean, expected in (("trajectory", None, sm.routing_loss(sum(As), M)),
                                       ("step", None, sum(sm.routing_loss(A, M) for A in As) / 3),
                                       ("step", prior, sum(sm.routing_loss(A, M - prior) for A in As) / 3)):
-            opts = sm.SharpMoELoss(mass="count", scope=scope, saliency_mean=mean)
+            opts = sm.SharpMoEOptions(mass="count", scope=scope, saliency_mean=mean)
             torch.testing.assert_close(sm.trajectory_loss(model, model.cfg, x0, y, draw, opts)[2]["routing"], expected)
 
 
@@ -589,6 +595,78 @@ def test_euler_sampler_is_exact_on_a_straight_flow_and_guides_and_carries_x0_hat
     torch.testing.assert_close(sm.sample(far, noise, y, steps=2, cfg_scale=1.0), targets[y] * 10)
 
 
+def test_training_and_sampling_share_one_null_class():
+    """CFG: the label training drops to is the one the sampler's unconditional half gets (the
+    extra class num_classes; class 0 is a real class)."""
+    cfg = tiny("ec")
+    dropped = sm.drop_labels(torch.tensor([0, 3, 9]), torch.tensor([True, False, True]), cfg.num_classes)
+    assert dropped.tolist() == [10, 3, 10]
+    model = StraightFlow(torch.zeros(11, 3, 8, 8))
+    sm.sample(model, torch.randn(2, 3, 8, 8), torch.tensor([0, 3]), steps=1, cfg_scale=2.0)
+    assert model.seen[0][1].tolist() == [0, 3, 10, 10] and model.cfg.num_classes == 10
+
+
+def test_every_flow_matching_loss_is_zero_for_the_true_velocity():
+    """The target is v = eps - x0 everywhere: a stand-in whose v is the exact velocity of the
+    straight path to the true x0, (x_t - x0) / t, has zero loss in one-step training, in each
+    step of a trajectory and in the probe (a flipped target would give 4 ||eps - x0||^2 / ...)."""
+    x0, y = batch(4)
+    model = SaliencyOracle(x0)
+    cfg = model.cfg
+    draw = sm.draw_training(cfg, 4, generator=torch.Generator().manual_seed(0))
+    assert sm.flow_loss(model, cfg, x0, y, draw)[0] < 1e-10
+    trajectory = sm.draw_training(cfg, 4, T=4, generator=torch.Generator().manual_seed(0))
+    fms = [fm for fm, _, _, _ in sm.trajectory_terms(model, cfg, x0, y, trajectory, sm.SharpMoEOptions())]
+    assert len(fms) == 4 and max(fms) < 1e-10
+    assert sm.routing_probe(model, x0, y, draw.eps)["loss"].max() < 1e-10
+    assert sm.flow_target(x0, draw.eps).equal(draw.eps - x0)
+
+
+def test_sal_position_decides_whether_r_sal_sees_the_position():
+    """R_sal reads x0_hat's patch embedding, plus the position embedding only with sal_position:
+    on a flat x0_hat every token's R_sal input is the same without it, and differs with it."""
+    x, y = batch(2)
+    inputs = {}
+    for position in (True, False):
+        torch.manual_seed(0)
+        model = sm.add_saliency_routers(sm.DiT(tiny("ec")))
+        model.cfg.sal_position = position
+        layer = model.moe_layers()[0].sal_router
+        hook = layer.register_forward_pre_hook(lambda m, a: inputs.__setitem__(position, a[0]))
+        model(x, torch.rand(2), y, x0_hat=torch.zeros_like(x))
+        hook.remove()
+    assert (inputs[False] - inputs[False][:, :1]).abs().max() == 0      # (B, N, D): one row for all tokens
+    assert (inputs[True] - inputs[True][:, :1]).abs().max() > 0.1
+    torch.testing.assert_close(inputs[True] - inputs[False], model.pos_embed.expand(2, -1, -1))
+
+
+def test_guided_routes_are_the_conditional_half():
+    """guided_velocity returns the routes of the conditional pass (the routes the counts of the
+    rollout view are made of), which differ from the unconditional half's."""
+    torch.manual_seed(0)
+    model = pretrained_like(sm.DiT(tiny("ec"))).eval()
+    x, y, t = torch.randn(4, 3, 32, 32), torch.arange(4), torch.full((4,), 0.5)
+    with torch.no_grad():
+        model.y_embedder.weight.normal_()                       # labels that matter, as after training
+        _, routes = sm.guided_velocity(model, x, t, y, x, 4.0)
+        conditional = model(x, t, y)[2]
+        unconditional = model(x, t, torch.full_like(y, 10))[2]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(routes, conditional))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(routes, unconditional))
+
+
+def test_rollout_records_the_state_each_step_starts_from():
+    """On a straight flow to a target, Euler is exact: the state step k starts from is
+    t_k noise + (1 - t_k) target, at the step's own t (the reference view routes these)."""
+    targets = torch.rand(11, 3, 8, 8) - 0.5
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    x, ts, counts, states = sm.rollout_routing(StraightFlow(targets), noise, y, steps=4, cfg_scale=1.0)
+    assert counts is None and ts.tolist() == [1.0, 0.75, 0.5, 0.25]
+    for t, state in zip(ts, states):
+        torch.testing.assert_close(state, t * noise + (1 - t) * targets[y])
+    torch.testing.assert_close(x, targets[y])
+
+
 # ----------------------------------------------------------------------------------------------
 # Measuring routing
 
@@ -616,7 +694,7 @@ class SaliencyOracle(torch.nn.Module):
         self.x0, self.cfg = x0, tiny("ec")
 
     def forward(self, x, t, y, x0_hat=None):
-        M = sm.laplacian_saliency(x0_hat, self.cfg.patch_size)   # (B, N)
+        M = sm.laplacian_saliency(x if x0_hat is None else x0_hat, self.cfg.patch_size)   # (B, N)
         mask = torch.stack([torch.ones_like(M, dtype=torch.bool), M > M.mean(1, keepdim=True)], -1)
         return (x - self.x0) / t.view(-1, 1, 1, 1), 0.0, [(mask.float() / 2, mask)]
 
@@ -657,7 +735,7 @@ def test_position_control_gives_a_positional_router_no_credit():
     assert (r["corr_pos"].abs() < 1e-6).all()                   # beyond position: nothing
     M = sm.laplacian_saliency(x0, 4)                            # the literal alternative penalizes it:
     literal = sm.rank_correlation(r["counts"][0], M - M.mean(0)).mean()   # per image, against M minus its mean
-    assert -0.16 < literal < -0.1                               # (about -0.13)
+    assert literal < 0                                          # charges it for being positional
 
 
 def test_position_controlled_correlation_by_hand():
@@ -718,10 +796,10 @@ def test_stepwise_backward_gives_the_unrolled_gradient(router, mass, scope, resi
     stepwise = deepcopy(unrolled)
     x0, y = batch(8)
     draw = sm.draw_training(unrolled.cfg, 8, T=3, generator=torch.Generator().manual_seed(16))
-    opts = sm.SharpMoELoss(lam=0.5, mass=mass, scope=scope,
+    opts = sm.SharpMoEOptions(lam=0.5, mass=mass, scope=scope,
                            saliency_mean=torch.rand(unrolled.cfg.num_tokens) if residual else None)
-    stats = sm.forward_backward(unrolled, unrolled.cfg, x0, y, draw, opts, stepwise=False)
-    stats_stepwise = sm.forward_backward(stepwise, stepwise.cfg, x0, y, draw, opts, stepwise=True)
+    stats = sm.forward_backward(unrolled, unrolled.cfg, x0, y, draw, replace(opts, stepwise=False))
+    stats_stepwise = sm.forward_backward(stepwise, stepwise.cfg, x0, y, draw, opts)
     for (name, p), q in zip(unrolled.named_parameters(), stepwise.parameters()):
         assert (q.grad - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-10, name
     for a, b in zip(unrolled.buffers(), stepwise.buffers()):
@@ -747,11 +825,11 @@ def test_stepwise_all_reduces_once_per_iteration(tmp_path):
         ddp = DDP(model)
         ddp.register_comm_hook(None, counting_allreduce)
         x0, y = batch(4)
-        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.draw_training(model.cfg, 4, T=3), sm.SharpMoELoss(),
+        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.draw_training(model.cfg, 4, T=3), sm.SharpMoEOptions(),
                                         no_sync=ddp.no_sync)
         once = len(calls)
         calls.clear()
-        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.draw_training(model.cfg, 4, T=3), sm.SharpMoELoss())
+        sm.trajectory_backward_stepwise(ddp, model.cfg, x0, y, sm.draw_training(model.cfg, 4, T=3), sm.SharpMoEOptions())
         assert once >= 1 and len(calls) == 3 * once
     finally:
         dist.destroy_process_group()

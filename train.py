@@ -29,13 +29,18 @@ from tqdm import tqdm
 import sharpmoe as sm
 from common import (RECIPES, HelpFormatter, UserError, check_out_folder, checkpoint_config, generator, load_checkpoint,
                     load_weights, run_cli, save_checkpoint, setup_distributed)
-from data import BUILTIN, PROBE_IMAGES, data_shape, make_datasets, position_saliency, probe_batch, spread_batch
+from data import BUILTIN, PROBE_IMAGES, data_flags, data_shape, make_datasets, position_saliency, probe_batch, spread_batch
 
 # The model's flags: for pretraining; a model from --init keeps its own.
 MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_every=2, class_dropout=0.1,
                       threshold_decay=0.95)
+# The post-training flags: with --init only (trajectory_steps: the recipe's).
+SHARPMOE_DEFAULTS = dict(sharpmoe="on", trajectory_steps=None, routing_weight=0.001, routing_temp=1.0,
+                         routing_mass="gate", routing_scope="trajectory", saliency_target="raw", sal_hidden=64,
+                         sal_position="on", oracle=False, backward="stepwise")
 # Flags a resumed run may change; every other flag must be the one the run started with.
-RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "num_workers", "out", "backward", "probe_images")
+RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "probe_every", "num_workers", "out", "backward",
+                     "probe_images")
 RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}   # flags of older checkpoints
 PATHS = ("data", "val_data", "init")   # stored absolute: a checkpoint's args resolve from any folder
 
@@ -52,16 +57,18 @@ def check_args(args):
                         "continue it, or pick another --out")
     for ok, msg in ((args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
                     (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
-                    (args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
-                     "step 1 has no x0_hat to route with (the paper uses 10)"),
+                    (not args.init or args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must "
+                     "be at least 2: step 1 has no x0_hat to route with (the paper uses 10)"),
                     (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
-                    (finite(args.routing_weight) and args.routing_weight >= 0,
-                     f"--routing-weight {args.routing_weight:g} must be 0 or more (the paper: 0.001)"),
+                    (not args.init or finite(args.routing_weight) and args.routing_weight >= 0,
+                     f"--routing-weight {args.routing_weight} must be 0 or more (the paper: 0.001)"),
                     (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
                     (finite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g} must be 0 or more"),
                     (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
-                    (finite(args.routing_temp) and args.routing_temp > 0, f"--routing-temp {args.routing_temp:g} must be positive"),
-                    (min(args.log_every, args.ckpt_every) >= 1, "--log-every and --ckpt-every must be at least 1"),
+                    (not args.init or finite(args.routing_temp) and args.routing_temp > 0,
+                     f"--routing-temp {args.routing_temp} must be positive"),
+                    (min(args.log_every, args.ckpt_every, args.probe_every) >= 1,
+                     "--log-every, --ckpt-every and --probe-every must be at least 1"),
                     (args.probe_images >= 0, f"--probe-images {args.probe_images} must be 0 or more"),
                     (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")):
         if not ok:
@@ -75,9 +82,9 @@ def resume_checkpoint(args):
         return None
     ckpt = load_checkpoint(args.resume)
     old = {RENAMED.get(k, k): os.path.abspath(v) if k in PATHS and v else v for k, v in ckpt.get("args", {}).items()}
-    ignored = RESUME_MAY_CHANGE + (tuple(MODEL_DEFAULTS) if args.init else ())
-    differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()
-              if k in old and k not in ignored and old[k] != v]
+    ignored = RESUME_MAY_CHANGE + tuple(MODEL_DEFAULTS if args.init else SHARPMOE_DEFAULTS)
+    differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()   # (None: not given,
+              if k in old and k not in ignored and v is not None and old[k] != v]           #  the checkpoint's)
     if differ:
         may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE if k not in ("resume", "out"))
         raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; resume with the "
@@ -152,7 +159,16 @@ def build_models(args, data, device):
         raise UserError(f"--init {args.init} is for {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} inputs and "
                         f"{cfg.num_classes} classes, the data has {channels}x{size}x{size} and "
                         f"{num_classes}; pass the matching --image-size and --data")
-    cfg.sal_hidden, cfg.sal_position = args.sal_hidden, args.sal_position == "on"
+    if cfg.sharpmoe:                                           # its R_sal is trained: its config wins
+        differ = [f"--{k.replace('_', '-')} {v}" for k, v, had in (
+            ("sal_hidden", args.sal_hidden, cfg.sal_hidden), ("sal_position", args.sal_position, "on" if cfg.sal_position else "off"))
+            if v is not None and v != had]
+        if differ:
+            raise UserError(f"--init {args.init} already has R_sal (sal_hidden {cfg.sal_hidden}, sal_position "
+                            f"{'on' if cfg.sal_position else 'off'}); drop {', '.join(differ)}")
+    else:
+        cfg.sal_hidden = SHARPMOE_DEFAULTS["sal_hidden"] if args.sal_hidden is None else args.sal_hidden
+        cfg.sal_position = (args.sal_position or SHARPMOE_DEFAULTS["sal_position"]) == "on"
     model = sm.DiT(cfg)
     load_weights(model, ckpt["model"], args.init)
     if args.sharpmoe == "on" and not cfg.sharpmoe:
@@ -187,9 +203,9 @@ def sharpmoe_loss(args, data, cfg, saliency_mean, device):
         return None
     if args.saliency_target == "residual" and saliency_mean is None:
         saliency_mean = position_saliency(data, cfg.patch_size)
-    return sm.SharpMoELoss(lam=args.routing_weight, temp=args.routing_temp, mass=args.routing_mass,
-                           scope=args.routing_scope, oracle=args.oracle,
-                           saliency_mean=None if saliency_mean is None else saliency_mean.to(device))
+    return sm.SharpMoEOptions(lam=args.routing_weight, temp=args.routing_temp, mass=args.routing_mass,
+                              scope=args.routing_scope, oracle=args.oracle, stepwise=args.backward == "stepwise",
+                              saliency_mean=None if saliency_mean is None else saliency_mean.to(device))
 
 
 def step_draws(args, cfg, T, step, rank, world, device):
@@ -285,13 +301,17 @@ class Meter:
 
 class RoutingProbe:
     """sm.routing_probe on fixed held-out images and noise, so that every run (pretraining,
-    SharpMoE, controls) logs the same per-step measurements. Rank 0 only."""
+    SharpMoE, controls) logs the same per-step measurements; routed as the run trains (the true
+    x0 for an --oracle run; autocast, the training precision). Rank 0 only, while the others
+    wait: 10 forwards per probe image, every --probe-every steps."""
 
-    def __init__(self, held_out, device, n):
+    def __init__(self, held_out, device, n, oracle, autocast):
         self.x0, self.y, self.eps = probe_batch(held_out, n, device=device)
+        self.oracle, self.autocast = oracle, autocast
 
-    def __call__(self, model, oracle=False):
-        r = sm.routing_probe(model, self.x0, self.y, self.eps, oracle=oracle)
+    def __call__(self, model):
+        with self.autocast():
+            r = sm.routing_probe(model, self.x0, self.y, self.eps, oracle=self.oracle)
         row = lambda v, f: "/".join(format(v[sm.PROBE_T.index(t)], f) for t in sm.SHOW_T)
         return (f"probe t={row(sm.PROBE_T, '.3g')}: corr {row(r['corr'].tolist(), '+.2f')} "
                 f"pos {row(r['corr_pos'].tolist(), '+.2f')} loss {row(r['loss'].tolist(), '.3f')}")
@@ -310,16 +330,17 @@ def header(args, model, opts, data, world, device, step, ckpt):
 
 
 def log_line(step, mean, opts, cfg, n_moe):
-    """The means since the last line. (Training draws a fixed number of experts per token, so
-    only their agreement with saliency is logged; DiffMoE's capacity-predictor loss is aux.)"""
+    """The means since the last line. (Training fixes the mean number of experts per token, by
+    TC's k or EC's and DiffMoE's capacity, so only the counts' agreement with saliency is
+    logged; aux is TC's balance loss or DiffMoE's capacity-predictor BCE.)"""
     msg = f"step {step:7d}  loss_fm {mean['loss_fm']:.4f}"
-    if cfg.router == "diffmoe":
+    if cfg.router in ("tc", "diffmoe"):
         msg += f"  aux {mean['aux']:.4f}"
     if opts:
         msg += f"  loss_routing {mean['loss_routing']:.4f}"
     if n_moe:
         msg += f"  corr(count,saliency) batch {mean['corr']:+.3f}"
-    return msg
+    return msg + f"  img/s {mean['img/s']:.1f}"
 
 
 def open_log(out, rank):
@@ -343,7 +364,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (GPUs: TF32, as DiT)
 
     # 2. data
-    data, held_out = make_datasets(**vars(args))
+    data, held_out = make_datasets(**data_flags(vars(args)))
     loader, steps_per_epoch = make_loader(data, args, rank, world, device)
 
     # 3. model, EMA, optimizer, the SharpMoE loss (None: ordinary training)
@@ -368,15 +389,15 @@ def main(args):
     model.train()
     log = open_log(args.out, rank)
     log(header(args, raw, opts, data, world, device, step, ckpt))
-    probe = RoutingProbe(held_out, device, args.probe_images) if n_moe and args.probe_images and rank == 0 else None
-    oracle = bool(opts and opts.oracle)                        # the probe routes as training does
-    if probe:
-        log(f"step {step:7d}  {probe(raw, oracle)}  (before training)")
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    probe = None
+    if n_moe and args.probe_images and rank == 0:
+        probe = RoutingProbe(held_out, device, args.probe_images, bool(opts and opts.oracle), autocast)
+        log(f"step {step:7d}  {probe(raw)}  (before training)")
     fit_ema = EMAThresholds(data, cfg, T, opts, args.seed, device)   # (every rank: the same EMA)
 
     # 4. the loop: draw, forward/backward, step, EMA, log, save
     meter, data_iter = Meter(device), batches(loader, step, steps_per_epoch)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     no_sync = getattr(model, "no_sync", nullcontext)
     with tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True) as pbar:
         while step < args.steps:
@@ -384,7 +405,7 @@ def main(args):
             flip, draw = step_draws(args, cfg, T, step, rank, world, device)
             x0, y = apply_flip(x0.to(device, non_blocking=True), flip), y.to(device, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, args.backward == "stepwise", autocast, no_sync)
+            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, autocast=autocast, no_sync=no_sync)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -392,14 +413,16 @@ def main(args):
             step += 1
             meter.add(step, stats, x0, cfg.patch_size)
             pbar.update(1)
-            logs = step % args.log_every == 0 or step == args.steps
-            saves = step % args.ckpt_every == 0 or step == args.steps
+            logs, saves, probes = (step % n == 0 or step == args.steps
+                                   for n in (args.log_every, args.ckpt_every, args.probe_every))
             if logs or saves:
                 meter.stop_if_diverged(world, rank, args)
             if logs:
                 mean = meter.read(world)
-                log(log_line(step, mean, opts, cfg, n_moe) + (f"  {probe(raw, oracle)}" if probe else "") + f"  img/s {mean['img/s']:.1f}")
+                log(log_line(step, mean, opts, cfg, n_moe))
                 pbar.set_postfix(loss=f"{mean['loss_fm']:.4f}")
+            if probes and probe:
+                log(f"step {step:7d}  {probe(raw)}")
             if saves:
                 fit_ema(ema)
             if saves and rank == 0:
@@ -437,24 +460,25 @@ def parse_args(argv=None):
     add("--threshold-decay", type=float, default=None, help="DiffMoE threshold EMA (default: 0.95)")
     # SharpMoE post-training
     add("--init", default=None, help="post-train from this pretrained checkpoint (weights and EMA)")
-    add("--sharpmoe", choices=("on", "off"), default="on",
-        help="with --init: on adds R_sal and trains on trajectories; off is the control (plain continuation)")
+    add("--sharpmoe", choices=("on", "off"), default=None,
+        help="with --init: on (default) adds R_sal and trains on trajectories; off is the control (plain continuation)")
     add("--trajectory-steps", type=int, default=None, help=f"T, steps unrolled per SharpMoE iteration (recipe: {recipe('trajectory_steps')})")
-    add("--routing-weight", type=float, default=0.001, help="lambda of the routing loss (the paper's)")
-    add("--routing-temp", type=float, default=1.0, help="temperature of the routing loss (our choice)")
-    add("--routing-mass", choices=("gate", "count"), default="gate",
-        help="A: the paper's selected gate mass, or our soft expert count (sm.routed_mass)")
-    add("--routing-scope", choices=("trajectory", "step"), default="trajectory",
-        help="one KL on A summed over the trajectory (the paper), or the mean of one KL per step (ours)")
-    add("--saliency-target", choices=("raw", "residual"), default="raw",
-        help="M as is (the paper), or minus the training data's mean saliency per token position (ours)")
-    add("--sal-hidden", type=int, default=64, help="hidden width of R_sal (our choice)")
-    add("--sal-position", choices=("on", "off"), default="on",
-        help="R_sal reads x0_hat's patch embedding plus the position embedding (on, our choice), or without it")
-    add("--oracle", action="store_true", help="route with the true clean x0 instead of x0_hat (an ablation bound)")
-    add("--backward", choices=("unrolled", "stepwise"), default="stepwise",
-        help="SharpMoE's backward: all T steps' graphs at once (faster), or one step's at a time (1/T of the "
-             "memory); the same gradient")
+    add("--routing-weight", type=float, default=None, help="lambda of the routing loss (default: 0.001, the paper's)")
+    add("--routing-temp", type=float, default=None, help="temperature of the routing loss (default: 1, our choice)")
+    add("--routing-mass", choices=("gate", "count"), default=None,
+        help="A: the paper's selected gate mass (default), or our soft expert count (sm.routed_mass)")
+    add("--routing-scope", choices=("trajectory", "step"), default=None,
+        help="one KL on A summed over the trajectory (default: the paper), or the mean of one KL per step (ours)")
+    add("--saliency-target", choices=("raw", "residual"), default=None,
+        help="M as is (default: the paper), or minus the training data's mean saliency per token position (ours)")
+    add("--sal-hidden", type=int, default=None, help="hidden width of R_sal (default: 64, our choice; a SharpMoE --init keeps its own)")
+    add("--sal-position", choices=("on", "off"), default=None,
+        help="R_sal reads x0_hat's patch embedding plus the position embedding (default: on, our choice), or without it")
+    add("--oracle", action="store_true", default=None,
+        help="route with the true clean x0 instead of x0_hat (an ablation bound)")
+    add("--backward", choices=("unrolled", "stepwise"), default=None,
+        help="SharpMoE's backward: all T steps' graphs at once (faster), or one step's at a time (default; 1/T of "
+             "the memory); the same gradient")
     # optimization
     add("--steps", type=int, default=None, help=f"training steps (recipe, pretraining / --init: {recipe('steps')})")
     add("--global-batch-size", type=int, default=None, help=f"images per step over all ranks (recipe: {recipe('global_batch_size')})")
@@ -469,6 +493,8 @@ def parse_args(argv=None):
     add("--ckpt-every", type=int, default=None, help=f"write OUT/last.pt every this many steps (recipe: {recipe('ckpt_every')})")
     add("--log-every", type=int, default=None, help=f"log every this many steps (recipe: {recipe('log_every')})")
     add("--probe-images", type=int, default=PROBE_IMAGES, help="held-out images of the logged routing probe (0: no probe)")
+    add("--probe-every", type=int, default=None, help="run the routing probe every this many steps, on rank 0 while "
+        f"the others wait (10 forwards per image; recipe: {recipe('probe_every')})")
     add("--num-workers", type=int, default=None,
         help="data-loader workers per rank (default: the cores per rank less one, 1 to 4)")
     return complete_args(p.parse_args(argv))
@@ -480,17 +506,19 @@ def complete_args(args):
     for k in PATHS:
         if getattr(args, k):
             setattr(args, k, os.path.abspath(getattr(args, k)))
-    if args.init:
-        given = [k for k in MODEL_DEFAULTS if getattr(args, k) is not None]
-        if given:
-            raise UserError(f"--init {args.init} brings its own model; drop "
-                            f"{', '.join('--' + k.replace('_', '-') for k in given)} (they would be ignored)")
-    else:
-        for k, v in MODEL_DEFAULTS.items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
+    flag = lambda k: "--" + k.replace("_", "-")
+    given = lambda defaults: [k for k in defaults if getattr(args, k) is not None]
+    if args.init and given(MODEL_DEFAULTS):
+        raise UserError(f"--init {args.init} brings its own model; drop "
+                        f"{', '.join(map(flag, given(MODEL_DEFAULTS)))} (they would be ignored)")
+    if not args.init and given(SHARPMOE_DEFAULTS):
+        raise UserError(f"{', '.join(map(flag, given(SHARPMOE_DEFAULTS)))}: post-training flags, for a run from "
+                        "--init CKPT (pretraining would ignore them)")
+    for k, v in (SHARPMOE_DEFAULTS if args.init else MODEL_DEFAULTS).items():
+        if getattr(args, k) is None and k not in ("sal_hidden", "sal_position"):   # (R_sal: build_models)
+            setattr(args, k, v)
     for k, v in RECIPES[args.recipe].items():
-        if getattr(args, k) is None and not (k == "preset" and args.init):
+        if getattr(args, k) is None and not (k == "preset" and args.init) and not (k == "trajectory_steps" and not args.init):
             setattr(args, k, v[1 if args.init else 0] if isinstance(v, tuple) else v)
     return args
 
