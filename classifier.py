@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import HelpFormatter, UserError, check_out_folder, run_cli, to_uint8
+from common import HelpFormatter, UserError, atomic, check_writable, run_cli, to_uint8
 from data import BUILTIN, HELD_OUT, data_flags, is_latent_folder, make_datasets
 from quality import classify, frechet_distance, statistics, train_classifier
 
@@ -48,7 +48,7 @@ def held_out_sets(args, held_out):
 
 
 def main(args):
-    check_out_folder(args.out, "--out")
+    check_writable(args.out, "--out")
     if is_latent_folder(args.data):
         raise UserError(f"--data {args.data} is a latent folder; the classifier measures pixel images "
                         "(latent models: sample.py decodes, fid.py measures with Inception)")
@@ -67,11 +67,10 @@ def main(args):
     accuracy = float((preds == ref_y).mean())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "classifier.pt")
-    torch.save(dict(model=clf.state_dict(), classes=list(train_set.classes), image_size=args.image_size,
-                    accuracy=accuracy, ref=torch.from_numpy(ref_feats), floor=torch.from_numpy(floor_feats),
-                    data={k: getattr(args, k) for k in ("data", "val_data", "builtin", "builtin_size", "image_size")}),
-               path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic(path) as tmp:
+        torch.save(dict(model=clf.state_dict(), classes=list(train_set.classes), image_size=args.image_size,
+                        accuracy=accuracy, ref=torch.from_numpy(ref_feats), floor=torch.from_numpy(floor_feats),
+                        data=data_flags(vars(args))), tmp)
     mu, sigma = statistics(ref_feats)
     counts = [n for n in (500, 1000, 2000) if n <= len(floor)] or [len(floor)]
     floors = {n: frechet_distance(*statistics(floor_feats[:n]), mu, sigma) for n in counts}

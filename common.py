@@ -5,10 +5,16 @@ helpers. Nothing about
 the method is here (that is sharpmoe.py) and nothing about data (data.py).
 """
 import argparse
+import contextlib
 import datetime
+import errno
+import fcntl
+import json
 import os
 import re
+import shutil
 import sys
+import threading
 import zipfile
 from dataclasses import asdict, fields
 
@@ -22,7 +28,10 @@ import sharpmoe as sm
 class UserError(Exception):
     """Bad input: printed as one line, without a traceback, by run_cli. `rank_local`: only the
     rank that met it knows (a bad image), so that rank prints it."""
-    rank_local = False
+
+    def __init__(self, message, rank_local=False):
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -55,6 +64,11 @@ def run_cli(main, parse_args):
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(1)
+    except OSError as e:                                       # a write outside atomic(): one line too
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"error: {write_error(e.filename or '?', e)}", file=sys.stderr)
+        sys.exit(1)
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and PEER_GONE.search(str(e)):
             sys.exit(1)                                         # another rank failed, and said why
@@ -71,6 +85,86 @@ def check_out_folder(path, flag):
         raise UserError(f"{flag} {path}{where} is a file, not a folder; pass a folder")
 
 
+# ----------------------------------------------------------------------------------------------
+# Writing: atomically, into folders checked before any work, one line when the disk says no
+
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the disk is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def write_error(path, e):
+    """The UserError for a failed write of path: what the disk said, and how much is free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    why = WRITE_ERRORS.get(getattr(e, "errno", None)) or f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    free = shutil.disk_usage(folder).free / 2**30
+    return UserError(f"cannot write {path}: {why} ({free:.1f} GiB free on the disk of {folder}); free space or "
+                     "pick another output folder, then rerun (what was written before is intact)")
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yields a temporary name beside path (unique to this process); when the block ends it
+    replaces path, so a crash, a full disk or a second writer never leaves a truncated file
+    that reads as whole. A failed write becomes write_error's one line."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                       # (torch.save: RuntimeError on a full disk)
+        if isinstance(e, OSError) and e.errno not in WRITE_ERRORS or isinstance(e, RuntimeError) and "writ" not in str(e):
+            raise
+        raise write_error(path, e) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path, obj, **kw):
+    write_text(path, json.dumps(obj, **kw))
+
+
+def save_image(image, path):
+    """A PIL image as a PNG, atomically."""
+    with atomic(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def check_writable(folder, flag):
+    """Before any work: create the output folder and write and remove a file in it, so that a
+    read-only or full disk is said at once, not after the work."""
+    check_out_folder(folder, flag)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with atomic(os.path.join(folder, ".write-test")) as tmp, open(tmp, "wb") as f:
+            f.write(b"0" * 4096)
+        os.remove(os.path.join(folder, ".write-test"))
+    except OSError as e:
+        raise write_error(os.path.join(folder, ".write-test"), e) from None
+
+
+@contextlib.contextmanager
+def hold_lock(folder):
+    """An exclusive lock on FOLDER/.lock while the block runs (the kernel releases it when the
+    process ends, however it ends): a second run into the same folder gets one line."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"another run is writing into {folder} (process {f.read().strip() or '?'} holds "
+                            f"{folder}/.lock); wait for it to end, or pick another output folder") from None
+        f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+        yield
+
+
 DIST_TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -80,13 +174,24 @@ def setup_distributed():
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    missing = [k for k in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UserError(f"RANK is set but not {', '.join(missing)}: start the script under torchrun "
+                        "(torchrun --nproc_per_node=N SCRIPT ...), or unset RANK for one process")
+    local = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local)                            # before the process group binds one
     # The other ranks wait in a collective while rank 0 writes a checkpoint (DiT-L with AdamW and
     # EMA: about 20-30 GB) or runs the routing probe: NCCL's default 10 minutes would kill a run
     # on storage slower than about 50 MB/s.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+    world, where = os.environ["WORLD_SIZE"], f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    waiting = threading.Timer(30, lambda: print(f"rank {os.environ['RANK']}: still waiting for all {world} ranks "
+                                                f"at {where}; are they all started?", file=sys.stderr, flush=True))
+    waiting.start()                                             # (a rank that never comes would hang silently)
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+    finally:
+        waiting.cancel()
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
@@ -128,21 +233,20 @@ def noise_and_labels(indices, cfg, seed):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(path, model, ema, opt, step, args, classes, latent=None, saliency_mean=None):
+def save_checkpoint(path, model, ema, opt, step, record, saliency_mean=None):
     """The whole checkpoint format, written atomically (a crash mid-write leaves the previous
     file intact). Only tensors and plain values, so it loads with weights_only=True:
       model, ema, opt   state dicts (the unwrapped model, its EMA, AdamW)
       step              optimizer steps taken
       config            asdict(sm.Config): sample.py and compare.py rebuild the model from it
-      args              train.py's flags, plus `classes` (the data's class names) and `latent`
-                        (a latent folder's meta.json, None in pixel mode)
+      args              `record`: train.py's flags, plus `classes` (the data's class names),
+                        `latent` (a latent folder's meta.json, None in pixel mode), `held_out`
+                        (an id of the held-out split) and `world` (the number of ranks)
       saliency_mean     (N,) or None: the residual routing target's per-position baseline"""
     ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                config=asdict(model.cfg), args=dict(vars(args), classes=list(classes), latent=latent),
-                saliency_mean=saliency_mean)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+                config=asdict(model.cfg), args=record, saliency_mean=saliency_mean)
+    with atomic(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def load_checkpoint(path):
@@ -209,9 +313,7 @@ def to_uint8(x):
 
 def save_npz(path, **arrays):
     """np.savez with fixed zip timestamps, so that the same arrays give the same bytes; atomic."""
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    with atomic(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, a in arrays.items():
             with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(a))
-    os.replace(tmp, path)

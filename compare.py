@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -47,8 +48,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import sharpmoe as sm
-from common import (RECIPES, HelpFormatter, UserError, check_out_folder, load_checkpoint, load_model, load_reference,
-                    noise_and_labels, run_cli)
+from common import (RECIPES, HelpFormatter, UserError, atomic, check_writable, hold_lock, load_checkpoint, load_model,
+                    load_reference, noise_and_labels, run_cli, save_image, write_json, write_text)
 from data import DATA_FLAGS, data_flags, make_datasets, probe_batch, spread_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,11 +119,18 @@ def train_to(args, base, run, flags, seed, steps):
                "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every),
                "--num-workers", str(args.num_workers), "--probe-images", str(args.probe_images),
                *base["data_flags"], *flags, *(["--resume", last] if at else [])]
-        if subprocess.run(cmd).returncode:
+        proc = subprocess.Popen(cmd)
+        try:
+            code = proc.wait()
+        except BaseException:                                   # Ctrl-C, or SIGTERM (see main): no orphan
+            proc.terminate()
+            proc.wait()
+            raise
+        if code:
             raise UserError(f"train.py stopped in {out} (its log.txt and the lines above say why); "
                             "rerun this command to continue")
-    shutil.copyfile(last, snap + ".tmp")
-    os.replace(snap + ".tmp", snap)
+    with atomic(snap) as tmp:
+        shutil.copyfile(last, tmp)
     return snap
 
 
@@ -216,9 +224,7 @@ def measured(args, views, ckpt, oracle=False):
     if model.cfg.router == "diffmoe" and args.compute:
         views.calibrate(model, args.compute, oracle)
     result = views.measure(model, oracle)
-    with open(cache + ".tmp", "w") as f:
-        json.dump(dict(key=key, views=result), f)
-    os.replace(cache + ".tmp", cache)
+    write_json(cache, dict(key=key, views=result))
     return result
 
 
@@ -385,7 +391,7 @@ def plot(panels, path, title, order):
         color = PALETTE[order.index(label) % len(PALETTE)]
         d.line([len(panels) * W + 8, 40 + 16 * i + 6, len(panels) * W + 28, 40 + 16 * i + 6], fill=color, width=3)
         d.text((len(panels) * W + 32, 40 + 16 * i), label, fill="black", font=font)
-    img.save(path)
+    save_image(img, path)
 
 
 def figures(results, base, args, prefix):
@@ -448,8 +454,7 @@ def claim(folder):
                 seeds = [[pre]] + [results["runs"].get(n, {}).get(str(b), []) for n in CLAIM_RUNS]
                 rows.append(f"| {router} {b} | {label} | " + " | ".join(
                     cell(over_seeds([r for r in s if r.get(v)], fn), f) if s else "-" for s in seeds) + " |")
-    with open(os.path.join(folder, "claim.md"), "w") as f:
-        f.write("\n".join(header + rows) + "\n")
+    write_text(os.path.join(folder, "claim.md"), "\n".join(header + rows) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +488,7 @@ def parse_args(argv=None):
                    "this many experts per token per MoE layer (matched compute; the paper's activated parameters: "
                    "1); 0: as trained")
     args = p.parse_args(argv)
-    check_out_folder(args.out, "--out"), check_out_folder(args.results, "--results")
+    check_writable(args.out, "--out"), check_writable(args.results, "--results")
     args.budgets = sorted(set(args.budgets))
     args.trajectory_steps = RECIPES[args.recipe]["trajectory_steps"]
     if min(args.budgets) < 1 or len(args.seeds) < 1:
@@ -504,6 +509,14 @@ def parse_args(argv=None):
 
 
 def main(args):
+    """Train, measure, write; one comparison per --out at a time (a lock). SIGTERM (timeout,
+    schedulers, kill) ends it as Ctrl-C does: the running train.py is stopped too."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with hold_lock(args.out):
+        return compare(args)
+
+
+def compare(args):
     os.makedirs(args.results, exist_ok=True)
     command = "python compare.py " + " ".join(sys.argv[1:]) if __name__ == "__main__" else "compare.main"
     runs = settings(args)
@@ -524,10 +537,8 @@ def main(args):
                 if b <= last and all(os.path.exists(s) for s in snaps):
                     results["runs"].setdefault(name, {})[b] = [measured(args, views, s, "oracle" in name) for s in snaps]
         prefix = os.path.join(args.results, base["router"])
-        with open(prefix + ".md", "w") as f:
-            f.write(tables(results, base, args))
-        with open(prefix + ".json", "w") as f:
-            json.dump(results, f)
+        write_text(prefix + ".md", tables(results, base, args))
+        write_json(prefix + ".json", results)
         figures(results, base, args, prefix)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}_steps.png, {prefix}_budget.png")
         out[base["router"]] = results

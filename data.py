@@ -174,6 +174,8 @@ def read_rgb(path):
         img.load()                                              # a truncated file fails here, not later
         if img.mode.startswith("I;16") or img.mode in ("I", "F"):
             a, top = np.asarray(img, dtype=np.float64), 1.0 if img.mode == "F" else 65535.0
+            if not np.isfinite(a).all():
+                raise ValueError(f"mode {img.mode} with values that are not numbers (NaN or inf)")
             if a.min() < 0 or a.max() > top:
                 raise ValueError(f"mode {img.mode} with values outside [0, {top:g}]")
             img = Image.fromarray(np.round(a * (255 / top)).astype(np.uint8))
@@ -233,11 +235,15 @@ class LatentFolder(Folder):
             raise UserError(f"latent folder {root}: cannot read latents.npy / labels.npy ({type(e).__name__}); "
                             "rerun latents.py into a new folder")
         shape = (m["count"], 2, m["channels"], m["latent_size"], m["latent_size"])
-        if self.latents.shape != shape or self.labels.shape != (m["count"],) or \
-                (m["count"] and int(self.labels.max()) >= len(m["classes"])):
+        if self.latents.shape != shape or self.labels.shape != (m["count"],):
             raise UserError(f"latent folder {root}: the arrays disagree with meta.json (latents {self.latents.shape}, "
-                            f"labels {self.labels.shape}, {len(m['classes'])} classes; meta says {shape}); "
+                            f"labels {self.labels.shape}; meta says {shape}); rerun latents.py into a new folder")
+        if self.labels.dtype.kind not in "iu" or m["count"] and not 0 <= self.labels.min() <= self.labels.max() < len(m["classes"]):
+            raise UserError(f"latent folder {root}: labels.npy holds {self.labels.dtype} labels "
+                            + (f"from {self.labels.min()} to {self.labels.max()}" if m["count"] else "")
+                            + f", not integers in 0..{len(m['classes']) - 1} (its {len(m['classes'])} classes); "
                             "rerun latents.py into a new folder")
+        self.root = root
         empty = [c for c, n in zip(m["classes"], np.bincount(self.labels, minlength=len(m["classes"]))) if n == 0]
         if empty and not allow_empty:
             raise UserError(f"latent folder {root} has classes without latents: {', '.join(empty[:5])}; "
@@ -247,6 +253,9 @@ class LatentFolder(Folder):
     def __getitem__(self, i):
         j = self.index[i]
         x = torch.from_numpy(self.latents[j].astype(np.float32))   # (2, C, s, s)
+        if not torch.isfinite(x).all():
+            raise UserError(f"latent folder {self.root}: latent {j} is not a number (NaN or inf); rerun latents.py "
+                            "into a new folder (it refuses such latents now)")
         return (x if self.pairs else x[0]), int(self.labels[j])
 
     def split_off(self, n):

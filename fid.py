@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import HelpFormatter, UserError, run_cli
+from common import HelpFormatter, UserError, check_writable, run_cli, save_npz
 from data import IMAGE_EXTENSIONS, read_rgb
 from quality import frechet_distance, load_classifier, sample_quality, statistics
 
@@ -276,6 +276,13 @@ def check_input(path, role):
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist")
     if os.path.isdir(path):                                     # every image decoded once, before any work
+        nested = [d for d in sorted(os.listdir(path)) if not d.startswith(".") and os.path.isdir(os.path.join(path, d))
+                  and image_files(os.path.join(path, d))]
+        if nested:                                              # pytorch-fid reads the top level only
+            has = "also holds" if image_files(path) else "holds its images in"
+            raise UserError(f"{path} {has} subfolders of images ({', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}), "
+                            "which fid.py would ignore: it reads the images at the top of a folder, as pytorch-fid "
+                            "does; pass one flat folder of images (or an .npz)")
         sizes = {}
         for f in tqdm(image_files(path), desc=f"checking {os.path.basename(path)}", leave=False):
             sizes.setdefault(read_rgb(f).size, f)
@@ -285,20 +292,32 @@ def check_input(path, role):
                             "resize them to one size first")
         return len(image_files(path))
     if not zipfile.is_zipfile(path):
-        raise UserError(f"{path} is neither an image folder nor an .npz file")
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
-        if {"mu.npy", "sigma.npy"} <= names:
-            if role == "reference":
-                return None
-            raise UserError(f"{path} holds statistics (mu, sigma): it is a reference, and fid.py takes the "
-                            f"samples first: python fid.py SAMPLES {path} (the ADM evaluator takes REF SAMPLES)")
-        if "arr_0.npy" not in names:
-            raise UserError(f"{path} has no arr_0; expected images (N, H, W, 3) uint8")
-        with z.open("arr_0.npy") as f:
-            shape, fortran, dtype = npy_header(f)
+        raise UserError(f"{path} is neither an image folder nor an .npz file (or a truncated one)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if {"mu.npy", "sigma.npy"} <= names:
+                if role == "reference":
+                    with np.load(path) as f:
+                        if not (np.isfinite(f["mu"]).all() and np.isfinite(f["sigma"]).all()):
+                            raise UserError(f"{path}: its mu / sigma are not all numbers (NaN or inf); recompute it")
+                    return None
+                raise UserError(f"{path} holds statistics (mu, sigma): it is a reference, and fid.py takes the "
+                                f"samples first: python fid.py SAMPLES {path} (the ADM evaluator takes REF SAMPLES)")
+            if "arr_0.npy" not in names:
+                raise UserError(f"{path} has no arr_0; expected images (N, H, W, 3) uint8")
+            with z.open("arr_0.npy") as f:
+                shape, fortran, dtype = npy_header(f)
+                start = f.tell()
+            size = z.getinfo("arr_0.npy").file_size
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path} is not a readable .npz ({type(e).__name__}: {str(e).splitlines()[0][:80]}); "
+                        "rewrite it") from None
     if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise UserError(f"{path}: arr_0 is {dtype} {shape}; expected (N, H, W, 3) uint8")
+    if size != start + int(np.prod(shape)):
+        raise UserError(f"{path}: arr_0 holds {size - start} bytes, its header says {shape} ({int(np.prod(shape))}); "
+                        "the file is truncated or damaged: rewrite it")
     return shape[0]
 
 
@@ -314,7 +333,10 @@ def features(net, path, batch_size, device):
         p, l = net(torch.from_numpy(b).to(device))
         pools.append(p.float().cpu())
         logits.append(l.float().cpu())
-    return torch.cat(pools).numpy(), torch.cat(logits).numpy()
+    pools, logits = torch.cat(pools).numpy(), torch.cat(logits).numpy()
+    if not np.isfinite(pools).all():                            # (damaged weights, a GPU fault): no "FID nan"
+        raise UserError(f"the Inception features of {path} are not all numbers (NaN or inf); check the weights file")
+    return pools, logits
 
 
 def inception_score(logits, splits=10):
@@ -372,6 +394,7 @@ def main(args):
         args.save_stats += "" if args.save_stats.endswith(".npz") else ".npz"   # what np.savez writes
         if os.path.isdir(args.save_stats) or not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
             raise UserError(f"--save-stats {args.save_stats}: not a file in an existing folder")
+        check_writable(os.path.dirname(os.path.abspath(args.save_stats)), "--save-stats")
     check_input(args.samples, "samples")                        # both inputs, before any work
     if args.classifier:
         return classifier_quality(args)
@@ -386,7 +409,7 @@ def main(args):
     is_mean, is_std = inception_score(logits)
     print(f"{args.samples}: {pool.shape[0]} images, Inception Score {is_mean:.3f} +- {is_std:.3f}")
     if args.save_stats:
-        np.savez(args.save_stats, mu=mu, sigma=sigma)
+        save_npz(args.save_stats, mu=mu, sigma=sigma)           # atomic: never a truncated file
         print(f"wrote {args.save_stats} (mu, sigma)")
     if args.ref:
         fid = frechet_distance(mu, sigma, *reference_stats(net, args.ref, args.batch_size, device))

@@ -13,7 +13,6 @@ the checkpoint; x0_hat is carried into the router of a SharpMoE model.
 On a GPU sampling runs under bf16 autocast (--precision fp32 for full precision); on a CPU in fp32.
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -23,8 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import (HelpFormatter, UserError, check_out_folder, load_model, load_reference, noise_and_labels, run_cli,
-                    save_npz, setup_distributed, to_uint8)
+from common import (HelpFormatter, UserError, check_writable, load_model, load_reference,
+                    noise_and_labels, run_cli, save_image, save_npz, setup_distributed, to_uint8, write_json)
 from data import data_flags, decode, load_vae, make_datasets, open_folder, probe_batch
 
 
@@ -37,13 +36,14 @@ def save_grid(images, path, nrow, labels=None):
     grid = Image.new("RGB", (nrow * (W + 2) + 2, top + -(-B // nrow) * (H + 2) + 2), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
     for j, label in enumerate((labels or [])[:nrow]):
+        label = "".join(c if c.isprintable() else "?" for c in str(label)) or "?"   # (no newlines, tabs)
         while len(label) > 1 and draw.textlength(label, font=font) > W:
             label = label[:-1]
         draw.text((2 + j * (W + 2), 2), label, fill="black", font=font)
     for i, img in enumerate(images):
         tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
         grid.paste(tile, (2 + (i % nrow) * (W + 2), top + 2 + (i // nrow) * (H + 2)))
-    grid.save(path)
+    save_image(grid, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     for v in (0, max_count // 2, max_count):
         draw.text((x0 + v / max_count * (w - 1) - 4, y0 + 13), str(v), fill="black", font=font)
     draw.text((x0 + w + 10, y0), "experts per token (4x the mean)", fill="black", font=font)
-    canvas.save(path)
+    save_image(canvas, path)
 
 
 def routing_report(model, x, shown, counts, ts, out, name, ckpt):
@@ -122,8 +122,7 @@ def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     print(f"{'t':>8}  " + "  ".join(f"{'Q' + str(q + 1):>6}" for q in range(5)) + "   corr   pos")
     for (k, v), i in zip(report["count_by_saliency_quintile"].items(), shown_steps):
         print(f"{k:>8}  " + "  ".join(f"{c:6.3f}" for c in v) + f"  {float(r['corr'][i]):+.2f} {float(r['corr_pos'][i]):+.2f}")
-    with open(os.path.join(out, f"report_{name}.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(out, f"report_{name}.json"), report, indent=1)
     report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
                   max_count=4 * n_moe * model.cfg.top_k, first="image" if name == "noised" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
@@ -166,7 +165,7 @@ def parse_args(argv=None):
                      "--report reference needs --reference DENSE_CKPT, and --reference goes with --report reference")):
         if not ok:
             raise UserError(msg)
-    check_out_folder(args.out, "--out")
+    check_writable(args.out, "--out")
     return args
 
 
@@ -212,7 +211,7 @@ def write_samples(args, model, pixels, rank, world, device):
         labels.append(y.numpy())
     part = lambda r: os.path.join(args.out, f".part{r}.npz")
     if mine:
-        np.savez(part(rank), images=np.concatenate(images), labels=np.concatenate(labels))
+        save_npz(part(rank), images=np.concatenate(images), labels=np.concatenate(labels))
     if world > 1:
         dist.barrier()
     if rank == 0:

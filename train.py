@@ -12,6 +12,7 @@ laptop (common.RECIPES). A flag given on the command line overrides the recipe. 
 continues with the same command plus --resume OUT/last.pt.
 """
 import argparse
+import hashlib
 import itertools
 import math
 import os
@@ -27,8 +28,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import (RECIPES, HelpFormatter, UserError, check_out_folder, checkpoint_config, generator, load_checkpoint,
-                    load_weights, run_cli, save_checkpoint, setup_distributed)
+from common import (RECIPES, HelpFormatter, UserError, check_out_folder, check_writable, checkpoint_config, generator,
+                    hold_lock, load_checkpoint, load_weights, run_cli, save_checkpoint, setup_distributed)
 from data import BUILTIN, PROBE_IMAGES, data_flags, data_shape, make_datasets, position_saliency, probe_batch, spread_batch
 
 # The model's flags: for pretraining; a model from --init keeps its own.
@@ -40,7 +41,7 @@ SHARPMOE_DEFAULTS = dict(sharpmoe="on", trajectory_steps=None, routing_weight=0.
                          sal_position="on", oracle=False, backward="stepwise")
 # Flags a resumed run may change; every other flag must be the one the run started with.
 RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "probe_every", "num_workers", "out", "backward",
-                     "probe_images")
+                     "probe_images", "lr", "grad_clip")   # (lr, grad_clip: to recover from a divergence)
 RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}   # flags of older checkpoints
 PATHS = ("data", "val_data", "init")   # stored absolute: a checkpoint's args resolve from any folder
 
@@ -136,9 +137,9 @@ def batches(loader, step, steps_per_epoch):
         epoch, skip = epoch + 1, 0
 
 
-def build_models(args, data, device):
-    """(model, ema). Pretraining: a fresh model from --preset and the model flags. With --init:
-    its weights and EMA, plus zero-initialized R_sal when --sharpmoe on."""
+def build_models(args, data, device, ckpt=None):
+    """(model, ema). Pretraining: a fresh model from --preset and the model flags. With --init
+    (its checkpoint, ckpt): its weights and EMA, plus zero-initialized R_sal when --sharpmoe on."""
     (channels, size), num_classes = data_shape(data, args.image_size), len(data.classes)
     if args.init is None:
         try:
@@ -150,7 +151,6 @@ def build_models(args, data, device):
             raise UserError(str(e))
         model = sm.DiT(cfg)
         return model.to(device), deepcopy(model).to(device)
-    ckpt = load_checkpoint(args.init)
     cfg = checkpoint_config(ckpt, args.init)
     if cfg.sharpmoe and args.sharpmoe == "off":
         raise UserError(f"--init {args.init} is already a SharpMoE model; the control (--sharpmoe off) "
@@ -177,15 +177,54 @@ def build_models(args, data, device):
         except ValueError as e:                                # a dense model
             raise UserError(f"--init {args.init}: {e}; pass --sharpmoe off to continue it as a control")
     ema = deepcopy(model)                                      # R_sal starts equal in both
+    if "ema" not in ckpt:                                      # (weights stripped for sharing)
+        print(f"note: --init {args.init} has no EMA weights; the EMA starts from its model weights")
+        return model.to(device), ema.to(device)
     incompatible = ema.load_state_dict(ckpt["ema"], strict=False)
     assert not incompatible.unexpected_keys and all("sal_router" in k for k in incompatible.missing_keys)
     return model.to(device), ema.to(device)
+
+
+def run_record(args, data, held_out, world):
+    """What a checkpoint records of its run (common.save_checkpoint's `args`)."""
+    return dict(vars(args), classes=list(data.classes), latent=getattr(data, "meta", None),
+                held_out=held_out_id(held_out), world=world)
+
+
+def held_out_id(held_out):
+    """A short id of which items the held-out set holds (images added to a folder move it)."""
+    items = getattr(held_out, "files", None)
+    key = [items[i][0] for i in held_out.index] if items else list(getattr(held_out, "index", [held_out.start, len(held_out)]))
+    return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+
+
+def check_same_data(path, flag, stored, data, held_out, world, router):
+    """A run continued (--resume) or post-trained (--init) on data whose classes changed would
+    silently swap its labels: refused. Returns notes for the log: a moved held-out split; for
+    DiffMoE resumed on another number of ranks, that the run is another one."""
+    old, new = list(stored.get("classes") or []), list(data.classes)
+    if old and old != new:
+        changed = [f"{a!r} is now {b!r}" for a, b in zip(old, new) if a != b][:3] or [f"{len(old)} classes, now {len(new)}"]
+        raise UserError(f"{flag} {path} was trained on other classes ({'; '.join(changed)}): its labels would be "
+                        "swapped; restore the class folders' names, or train a new run")
+    notes = []
+    if stored.get("held_out") not in (None, held_out_id(held_out)):
+        notes.append(f"note: the held-out images differ from those of {path} (images were added or removed): "
+                     "probe lines before and after this point measure other images")
+    if flag == "--resume" and router == "diffmoe" and stored.get("world", world) != world:
+        notes.append(f"note: {path} ran on {stored['world']} rank(s), this run on {world}: DiffMoE's pool is each "
+                     "rank's batch, so the continued run differs from the uninterrupted one")
+    return notes
 
 
 def restore(ckpt, path, model, ema, opt):
     """Weights, EMA and optimizer of a resumed run; returns (step, saliency_mean)."""
     if ckpt is None:
         return 0, None
+    missing = [k for k in ("ema", "opt", "step") if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume {path} has no {', '.join(missing)} (weights shared for sampling, or another "
+                        "version's file): it cannot continue a run; post-train from it with --init instead")
     diff = sm.config_diff(checkpoint_config(ckpt, path), model.cfg)
     if diff:
         raise UserError(f"--resume {path} is a checkpoint of another config ({'; '.join(diff)}); "
@@ -284,9 +323,10 @@ class Meter:
         if self.bad_step and rank != 0:                        # rank 0 says it, once
             sys.exit(1)
         if self.bad_step:
-            raise UserError(f"the loss became NaN or infinite at step {int(self.bad_step)}: training diverged. "
-                            f"Nothing after it was saved ({args.out}/last.pt, if any, is the last good one); "
-                            f"lower --lr ({args.lr:g}) or set --grad-clip 1, and --resume from there")
+            last = os.path.join(args.out, "last.pt")
+            rerun = f"rerun with --resume {last} and" if os.path.exists(last) else "nothing was saved; rerun with"
+            raise UserError(f"the loss became NaN or infinite at step {int(self.bad_step)}: training diverged; {rerun} "
+                            f"a lower --lr (now {args.lr:g}) or --grad-clip 1 (nothing after the last good step is saved)")
 
     def read(self, world):
         """The means over all ranks since the last read, and images/s; then starts over."""
@@ -356,20 +396,29 @@ def open_log(out, rank):
 # Main
 
 def main(args):
-    """Train; returns the (unwrapped) model and its EMA."""
-    # 1. setup
+    """Train; returns the (unwrapped) model and its EMA. One run per --out at a time (a lock)."""
     check_args(args)
+    check_writable(args.out, "--out")
+    with hold_lock(args.out) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        return train(args)
+
+
+def train(args):
+    # 1. setup
     ckpt = resume_checkpoint(args)
+    init = load_checkpoint(args.init) if args.init else None
     rank, world, device = setup_distributed()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (GPUs: TF32, as DiT)
 
-    # 2. data
+    # 2. data, the same as the run's it continues
     data, held_out = make_datasets(**data_flags(vars(args)))
+    notes = [n for path, flag, c in ((args.resume, "--resume", ckpt), (args.init, "--init", init)) if c
+             for n in check_same_data(path, flag, c.get("args", {}), data, held_out, world, c["config"]["router"])]
     loader, steps_per_epoch = make_loader(data, args, rank, world, device)
 
     # 3. model, EMA, optimizer, the SharpMoE loss (None: ordinary training)
     torch.manual_seed(args.seed)                               # the same init on every rank
-    model, ema = build_models(args, data, device)
+    model, ema = build_models(args, data, device, init)
     ema.requires_grad_(False).eval()
     cfg, n_moe = model.cfg, len(model.moe_layers())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -387,8 +436,9 @@ def main(args):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    log = open_log(args.out, rank)
-    log(header(args, raw, opts, data, world, device, step, ckpt))
+    log, record = open_log(args.out, rank), run_record(args, data, held_out, world)
+    for line in [header(args, raw, opts, data, world, device, step, ckpt), *notes]:
+        log(line)
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     probe = None
     if n_moe and args.probe_images and rank == 0:
@@ -426,8 +476,8 @@ def main(args):
             if saves:
                 fit_ema(ema)
             if saves and rank == 0:
-                save_checkpoint(os.path.join(args.out, "last.pt"), raw, ema, opt, step, args, data.classes,
-                                getattr(data, "meta", None), None if opts is None else opts.saliency_mean)
+                save_checkpoint(os.path.join(args.out, "last.pt"), raw, ema, opt, step, record,
+                                saliency_mean=None if opts is None else opts.saliency_mean)
     log(f"done: {args.out}/last.pt at step {step}")
     if world > 1:
         dist.barrier()
