@@ -97,7 +97,8 @@ def write_error(path, e):
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
-    why = WRITE_ERRORS.get(getattr(e, "errno", None)) or f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    said = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(e).splitlines()[0])[:100]   # (torch's prefix)
+    why = WRITE_ERRORS.get(getattr(e, "errno", None)) or f"{type(e).__name__}: {said}"
     free = shutil.disk_usage(folder).free / 2**30
     return UserError(f"cannot write {path}: {why} ({free:.1f} GiB free on the disk of {folder}); free space or "
                      "pick another output folder, then rerun (what was written before is intact)")
@@ -137,16 +138,24 @@ def save_image(image, path):
 
 
 def check_writable(folder, flag):
-    """Before any work: create the output folder and write and remove a file in it, so that a
-    read-only or full disk is said at once, not after the work."""
+    """Before any work: write and remove a file in the output folder (or in its nearest
+    existing parent, creating nothing), so that a read-only or full disk is said at once, not
+    after the work."""
     check_out_folder(folder, flag)
+    where = os.path.abspath(folder)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    test = os.path.join(where, f".write-test{os.getpid()}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with atomic(os.path.join(folder, ".write-test")) as tmp, open(tmp, "wb") as f:
+        with open(test, "wb") as f:
             f.write(b"0" * 4096)
-        os.remove(os.path.join(folder, ".write-test"))
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
-        raise write_error(os.path.join(folder, ".write-test"), e) from None
+        raise write_error(os.path.join(folder, "FILE"), e) from None
+    finally:
+        if os.path.exists(test):
+            os.remove(test)
 
 
 @contextlib.contextmanager

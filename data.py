@@ -54,6 +54,7 @@ class Strokes(Builtin):
     scale = (0.25, 0.5)         # the glyph's size, a fraction of the image's half width
     contrast = (0.4, 0.8)       # |ink - background|
     noise_texture = 0.5         # the chance that the patch is random noise, not a checkerboard
+    tilt = np.pi                # the glyph turns by an angle drawn from [-tilt, tilt]
 
     @staticmethod
     def glyph(y):
@@ -79,7 +80,8 @@ class Strokes(Builtin):
         bx, by = rng.uniform(-1, 1, 2)
         blob = np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / rng.uniform(0.3, 0.8))
         img = bg + (g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3)
-        a = rng.uniform(0, 2 * np.pi)                              # the glyph: rotated, scaled, placed
+        a = rng.uniform(0, 2 * np.pi) if self.tilt == np.pi else rng.uniform(-self.tilt, self.tilt)   # the glyph:
+        # turned, scaled, placed
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         seg = self.glyph(y) @ rot.T * rng.uniform(*self.scale) + rng.uniform(-0.35, 0.35, 2)
         P, p0, d = np.stack([X, Y], -1)[None], seg[:, None, None, 0], (seg[:, 1] - seg[:, 0])[:, None, None]
@@ -98,10 +100,11 @@ class Strokes(Builtin):
 
 class Glyphs(Strokes):
     """Strokes made easier to generate: bolder (about 4 px at 32x32), larger and higher-contrast
-    glyphs; the textured patch always a checkerboard (no unpredictable noise). Saliency stays
-    uneven and off-centre: the glyph's outline and the patch."""
+    glyphs, nearly upright (turned by at most 17 degrees); the textured patch always a
+    checkerboard (no unpredictable noise). Saliency stays uneven and off-centre: the glyph's
+    outline and the patch, anywhere near the centre."""
     key = 2
-    ink, scale, contrast, noise_texture = 2.0, (0.4, 0.65), (0.6, 0.9), 0.0
+    ink, scale, contrast, noise_texture, tilt = 2.0, (0.4, 0.65), (0.6, 0.9), 0.0, 0.3
 
 
 class Shapes(Builtin):

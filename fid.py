@@ -279,8 +279,8 @@ def check_input(path, role):
         nested = [d for d in sorted(os.listdir(path)) if not d.startswith(".") and os.path.isdir(os.path.join(path, d))
                   and image_files(os.path.join(path, d))]
         if nested:                                              # pytorch-fid reads the top level only
-            has = "also holds" if image_files(path) else "holds its images in"
-            raise UserError(f"{path} {has} subfolders of images ({', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}), "
+            has = "also holds subfolders of images" if image_files(path) else "holds its images in subfolders"
+            raise UserError(f"{path} {has} ({', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}), "
                             "which fid.py would ignore: it reads the images at the top of a folder, as pytorch-fid "
                             "does; pass one flat folder of images (or an .npz)")
         sizes = {}

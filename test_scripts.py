@@ -15,7 +15,7 @@ import fid
 import sharpmoe as sm
 import train
 from common import UserError, save_npz, to_uint8
-from data import (HELD_OUT, ImageFolder, LatentFolder, Shapes, Strokes, center_crop, decode, encode, load_vae, make_datasets,
+from data import (HELD_OUT, ImageFolder, data_flags, LatentFolder, Shapes, Strokes, center_crop, decode, encode, load_vae, make_datasets,
                   position_saliency)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,13 +162,19 @@ def test_nonsense_flags_and_broken_checkpoints_are_refused_in_one_line(tmp_path)
         with pytest.raises(UserError, match=match):
             train.main(train_args(tmp_path / "run", *args))
     for flag, value, says in (("--global-batch-size", "0", "at least 1"), ("--global-batch-size", "-8", "at least 1"),
-                              ("--steps", "0", "at least 1"), ("--trajectory-steps", "0", "at least 2"),
-                              ("--trajectory-steps", "1", "step 1 has no x0_hat"), ("--lr", "nan", "positive number"),
-                              ("--lr", "inf", "positive number"), ("--routing-weight", "-1", "0 or more"),
-                              ("--ema", "1", r"in \[0, 1\)"), ("--ema", "-0.1", r"in \[0, 1\)")):
+                              ("--steps", "0", "at least 1"), ("--lr", "nan", "positive number"),
+                              ("--lr", "inf", "positive number"), ("--ema", "1", r"in \[0, 1\)"),
+                              ("--ema", "-0.1", r"in \[0, 1\)")):
         fails(f"{flag} {value} must .*{says}", flag, value)
     good = tmp_path / "good"
     train.main(train_args(good, "--steps", "2"))
+    init = ("--init", str(good / "last.pt"))
+    for flag, value, says in (("--trajectory-steps", "0", "at least 2"), ("--trajectory-steps", "1", "step 1 has no x0_hat"),
+                              ("--routing-weight", "-1", "0 or more"), ("--routing-temp", "0", "positive")):
+        fails(f"{flag} {value} must .*{says}", flag, value, *init)
+    for flags in (("--routing-mass", "count"), ("--oracle",), ("--sharpmoe", "off"), ("--sal-hidden", "8"),
+                  ("--backward", "unrolled"), ("--trajectory-steps", "3")):   # without --init: refused, not ignored
+        fails(f"{flags[0]}: post-training flags, for a run from --init", *flags)
     ckpt = (good / "last.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(ckpt[:len(ckpt) // 2])
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
@@ -177,7 +183,7 @@ def test_nonsense_flags_and_broken_checkpoints_are_refused_in_one_line(tmp_path)
             with pytest.raises(UserError, match=f"{bad} is not a readable train.py checkpoint") as e:
                 train.main(train_args(tmp_path / "run2", flag, str(tmp_path / bad)))
             assert "weights_only=False" not in str(e.value)    # never pass torch's unsafe advice on
-    fails(r"was run with other flags: --lr 0.0001 \(now 0.001\)", "--lr", "1e-3", "--resume", str(good / "last.pt"))
+    fails(r"was run with other flags: --weight-decay 0.0 \(now 0.1\)", "--weight-decay", "0.1", "--resume", str(good / "last.pt"))
     fails(r"was run with other flags: --global-batch-size 8 \(now 16\)", "--global-batch-size", "16",
           "--resume", str(good / "last.pt"))
     post = tmp_path / "post"
@@ -211,7 +217,10 @@ def test_unreadable_image_names_the_file_in_one_line(tmp_path):
             Image.fromarray(np.full((40, 48, 3), 20 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "dog" / "2.png").write_bytes(b"not a png")
     r = run_cli("--preset", "tiny", "--data", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
-                "--num-workers", "1", "--out", str(tmp_path / "run"))   # 3 epochs: the bad image is read
+                "--num-workers", "1", "--out", str(tmp_path / "run"))   # inside the data: refused
+    assert r.stderr.strip().endswith("would be read as a class folder; put the run elsewhere")
+    r = run_cli("--preset", "tiny", "--data", str(tmp_path), "--steps", "6", "--global-batch-size", "8",
+                "--num-workers", "1", "--out", str(tmp_path.parent / (tmp_path.name + "-run")))   # 3 epochs: the bad image is read
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == f"error: cannot read image {tmp_path}/dog/2.png (UnidentifiedImageError); fix or remove it"
     assert "Traceback" not in r.stderr
@@ -230,9 +239,12 @@ def test_the_cpu_recipe_fills_what_the_command_line_leaves_open_and_model_flags_
         ("cpu", 32, 1e-3, 1.0, 0.999, 3000, 250)                # the given --lr wins
     post = train.parse_args(["--recipe", "cpu", "--init", "x.pt"])
     assert (post.preset, post.ema, post.steps, post.trajectory_steps, post.log_every) == (None, 0.98, 150, 4, 50)
-    paper = train.parse_args([])
-    assert (paper.preset, paper.router, paper.global_batch_size, paper.lr, paper.ema, paper.steps, paper.trajectory_steps,
-            paper.routing_weight) == ("L", "ec", 256, 1e-4, 0.9999, 500_000, 10, 0.001)
+    paper, paper_post = train.parse_args([]), train.parse_args(["--init", "x.pt"])
+    assert (paper.preset, paper.router, paper.global_batch_size, paper.lr, paper.ema, paper.steps) == \
+        ("L", "ec", 256, 1e-4, 0.9999, 500_000)
+    assert (paper_post.ema, paper_post.steps, paper_post.trajectory_steps, paper_post.routing_weight,
+            paper_post.routing_mass) == (0.9999, 100_000, 10, 0.001, "gate")
+    assert paper.trajectory_steps is paper.routing_weight is None   # pretraining has no post-training flags
     for flags in (["--router", "tc"], ["--preset", "S", "--top-k", "2"]):
         with pytest.raises(UserError, match=f"--init .*x.pt brings its own model; drop {flags[0]}"):
             train.parse_args(["--init", "x.pt", *flags])
@@ -273,7 +285,7 @@ def test_position_saliency_is_the_flip_symmetric_mean():
 
 def test_held_out_images_are_never_trained_on(tmp_path):
     args = train_args(tmp_path, "--builtin-size", "64")
-    data, held_out = make_datasets(**vars(args))
+    data, held_out = make_datasets(**data_flags(vars(args)))
     seen = {data[i][0].numpy().tobytes() for i in range(len(data))}
     assert not seen & {held_out[i][0].numpy().tobytes() for i in range(64)}
     for c in ("a", "b"):                                        # a folder: images split off
@@ -315,7 +327,7 @@ def test_hidden_entries_are_not_data_anywhere(tmp_path):
     model, _ = train.main(train_args(tmp_path / "run", "--data", str(root), "--steps", "1", "--image-size", "16"))
     assert model.cfg.num_classes == 2
     import latents
-    latents.main(latents.parse_args([str(root), str(tmp_path / "ref.npz"), "--reference", "--image-size", "16",
+    latents.main(latents.parse_args([str(root), str(tmp_path / "ref.npz"), "--fid-batch", "--image-size", "16",
                                      "--num-workers", "0"]))
     with np.load(tmp_path / "ref.npz") as f:
         assert f["arr_0"].shape[0] == 24 and set(f["labels"].tolist()) == {0, 1}
@@ -434,20 +446,20 @@ def test_paths_a_run_records_resolve_from_another_folder(tmp_path, monkeypatch, 
     assert args["data"] == str(tmp_path / "work" / "lat") and args["latent"]["vae"] == str(tmp_path / "work" / "vae")
     monkeypatch.chdir(tmp_path)                                # and from elsewhere: the report finds both
     import sample
-    sample.main(sample.parse_args(["--ckpt", "work/run/last.pt", "--steps", "1", "--grid", "0", "--report", "--real",
+    sample.main(sample.parse_args(["--ckpt", "work/run/last.pt", "--sample-steps", "1", "--grid", "0", "--report", "noised",
                                    "--report-images", "2", "--out", "s"]))
-    assert (tmp_path / "s" / "report_real.json").exists()
+    assert (tmp_path / "s" / "report_noised.json").exists()
     from diffusers import AutoencoderKL                        # a VAE with another scale: refused, both named
     other = AutoencoderKL.from_pretrained(str(tmp_path / "work" / "vae"))
     other.register_to_config(scaling_factor=0.5)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="scales latents by 0.5, the model's latent data by 0.18215"):
-        sample.main(sample.parse_args(["--ckpt", "work/run/last.pt", "--steps", "1", "--grid", "1", "--vae",
+        sample.main(sample.parse_args(["--ckpt", "work/run/last.pt", "--sample-steps", "1", "--grid", "1", "--vae",
                                        str(tmp_path / "other"), "--out", "s"]))
 
 
 def test_fewer_samples_than_ranks_and_a_bad_image_under_torchrun(tmp_path, sharp_ckpt):
-    args = ["--ckpt", str(sharp_ckpt), "--steps", "2", "--num-samples", "1", "--grid", "0"]
+    args = ["--ckpt", str(sharp_ckpt), "--sample-steps", "2", "--num-samples", "1", "--grid", "0"]
     r = run_sample(*args, "--out", str(tmp_path / "two"), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert run_sample(*args, "--out", str(tmp_path / "one")).returncode == 0
@@ -480,25 +492,25 @@ def run_sample(*args, torchrun=False):
 
 def test_sample_py_grid_npz_deterministic_and_report(tmp_path, sharp_ckpt):
     import sample
-    common = ["--ckpt", str(sharp_ckpt), "--steps", "4", "--num-samples", "6", "--batch-size", "4", "--grid", "4"]
-    sample.main(sample.parse_args(common + ["--out", str(tmp_path / "a"), "--report", "--report-images", "4"]))
+    common = ["--ckpt", str(sharp_ckpt), "--sample-steps", "4", "--num-samples", "6", "--batch-size", "4", "--grid", "4"]
+    sample.main(sample.parse_args(common + ["--out", str(tmp_path / "a"), "--report", "rollout", "--report-images", "4"]))
     sample.main(sample.parse_args(common + ["--out", str(tmp_path / "b"), "--grid", "0"]))
     a, b = (tmp_path / "a" / "samples.npz").read_bytes(), (tmp_path / "b" / "samples.npz").read_bytes()
     assert a == b                                               # the same command, the same file
     with np.load(tmp_path / "a" / "samples.npz") as f:
         assert f["arr_0"].shape == (6, 32, 32, 3) and f["arr_0"].dtype == np.uint8
     assert Image.open(tmp_path / "a" / "grid.png").size[0] > 4 * 32
-    report = json.load(open(tmp_path / "a" / "report_generated.json"))
+    report = json.load(open(tmp_path / "a" / "report_rollout.json"))
     assert len(report["t"]) == len(report["rank_correlation"]) == 4 and report["sharpmoe"]
     assert len(report["count_by_saliency_quintile"]) == 4
     assert all(v == 1.0 for v in report["experts_per_token_per_layer"])   # ec: k = 1 on average
-    assert Image.open(tmp_path / "a" / "report_generated.png").size[1] > 4 * 32
-    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--steps", "3", "--grid", "0", "--report",
-                                   "--real", "--report-images", "4", "--out", str(tmp_path / "a")]))
-    assert json.load(open(tmp_path / "a" / "report_real.json"))["what"] == "real"
+    assert Image.open(tmp_path / "a" / "report_rollout.png").size[1] > 4 * 32
+    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--sample-steps", "3", "--grid", "0", "--report",
+                                   "noised", "--report-images", "4", "--out", str(tmp_path / "a")]))
+    assert json.load(open(tmp_path / "a" / "report_noised.json"))["what"] == "noised"
     train.main(train_args(tmp_path / "dense", "--router", "dense", "--steps", "1"))
-    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--steps", "3", "--grid", "0", "--report", "--reference",
-                                   str(tmp_path / "dense" / "last.pt"), "--report-images", "4", "--out", str(tmp_path / "a")]))
+    sample.main(sample.parse_args(["--ckpt", str(sharp_ckpt), "--sample-steps", "3", "--grid", "0", "--report", "reference",
+                                   "--reference", str(tmp_path / "dense" / "last.pt"), "--report-images", "4", "--out", str(tmp_path / "a")]))
     reference = json.load(open(tmp_path / "a" / "report_reference.json"))
     assert reference["what"] == "reference" and len(reference["position_controlled_correlation"]) == 3
 
@@ -507,7 +519,7 @@ def test_sample_py_refuses_bad_input_in_one_line(tmp_path, sharp_ckpt):
     import sample
     (tmp_path / "truncated.pt").write_bytes(sharp_ckpt.read_bytes()[:5000])
     (tmp_path / "a_file").write_text("x")
-    base = ["--ckpt", str(sharp_ckpt), "--steps", "2", "--out", str(tmp_path / "out")]
+    base = ["--ckpt", str(sharp_ckpt), "--sample-steps", "2", "--out", str(tmp_path / "out")]
     for args, says in ((["--num-samples", "-1"], "--num-samples -1 must be 0 or more"),
                        (["--grid", "-1"], "--grid -1 must be 0"), (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
                        (["--cfg-scale", "-1"], "--cfg-scale -1.0 must be 0 or more"),
@@ -519,7 +531,7 @@ def test_sample_py_refuses_bad_input_in_one_line(tmp_path, sharp_ckpt):
 
 
 def test_sample_py_under_torchrun_matches_one_process(tmp_path, sharp_ckpt):
-    args = ["--ckpt", str(sharp_ckpt), "--steps", "3", "--num-samples", "5", "--grid", "0"]
+    args = ["--ckpt", str(sharp_ckpt), "--sample-steps", "3", "--num-samples", "5", "--grid", "0"]
     r = run_sample(*args, "--out", str(tmp_path / "two"), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert run_sample(*args, "--out", str(tmp_path / "one")).returncode == 0
@@ -868,15 +880,15 @@ def test_reference_batch_holds_the_training_crops_for_fid(tmp_path, image_folder
     import fid
     import latents
     out = str(tmp_path / "ref.npz")
-    latents.main(latents.parse_args([image_folder, out, "--reference", "--image-size", "24", "--batch-size", "3",
+    latents.main(latents.parse_args([image_folder, out, "--fid-batch", "--image-size", "24", "--batch-size", "3",
                                      "--num-workers", "0"]))
     assert fid.check_input(out, "reference") == 20               # what fid.py takes, no VAE involved
     with np.load(out) as f:
         crop = np.asarray(center_crop(Image.open(f"{image_folder}/dog/3.png").convert("RGB"), 24))
         assert f["arr_0"].shape == (20, 24, 24, 3) and np.array_equal(f["arr_0"][13], crop)
         assert f["labels"].tolist() == [0] * 10 + [1] * 10
-    with pytest.raises(UserError, match="--reference writes an .npz file"):
-        latents.parse_args([image_folder, str(tmp_path / "ref"), "--reference"])
+    with pytest.raises(UserError, match="--fid-batch writes an .npz file"):
+        latents.parse_args([image_folder, str(tmp_path / "ref"), "--fid-batch"])
 
 
 def test_latent_model_trains_post_trains_and_samples_decoded_images(tmp_path, latent_dir, tiny_vae):
@@ -889,13 +901,13 @@ def test_latent_model_trains_post_trains_and_samples_decoded_images(tmp_path, la
                           "--init", str(tmp_path / "pre" / "last.pt"), "--trajectory-steps", "2",
                           "--routing-mass", "count", "--saliency-target", "residual"))
     out = tmp_path / "samples"
-    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "post" / "last.pt"), "--steps", "2", "--grid", "2",
-                                   "--num-samples", "3", "--report", "--real", "--report-images", "2", "--out", str(out)]))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "post" / "last.pt"), "--sample-steps", "2", "--grid", "2",
+                                   "--num-samples", "3", "--report", "noised", "--report-images", "2", "--out", str(out)]))
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].dtype == np.uint8   # decoded to pixels
-    report = json.load(open(out / "report_real.json"))
-    assert report["images"] == 2 and Image.open(out / "report_real.png").size[1] > 2 * 128
-    first = np.asarray(Image.open(out / "report_real.png").convert("RGB"))[24:24 + 128:4, 4:4 + 128:4]
+    report = json.load(open(out / "report_noised.json"))
+    assert report["images"] == 2 and Image.open(out / "report_noised.png").size[1] > 2 * 128
+    first = np.asarray(Image.open(out / "report_noised.png").convert("RGB"))[24:24 + 128:4, 4:4 + 128:4]
     held_out = make_datasets(data=str(latent_dir))[1]
     decoded = to_uint8(decode(load_vae(tiny_vae), held_out[0][0][None]))[0]
     assert np.abs(first.astype(int) - decoded).max() <= 1
@@ -909,9 +921,13 @@ def test_broken_latent_folders_and_missing_diffusers_get_one_line(tmp_path, late
     with pytest.raises(UserError, match="has no meta.json: its extraction did not finish"):
         train.main(train_args(tmp_path / "run", "--data", str(broken)))
     shutil.copy(latent_dir / "meta.json", broken / "meta.json")
-    for labels in (np.zeros(7, np.int64), np.full(20, 5)):     # 7 labels for 20 latents; class 5 of 2
+    np.save(broken / "labels.npy", np.zeros(7, np.int64))     # 7 labels for 20 latents
+    with pytest.raises(UserError, match="the arrays disagree with meta.json"):
+        train.main(train_args(tmp_path / "run", "--data", str(broken)))
+    for labels, says in ((np.full(20, 5), "int64 labels from 5 to 5"), (np.full(20, -1), "int64 labels from -1 to -1"),
+                         (np.full(20, 0.5), "float64 labels")):  # class 5 of 2, negative, not integers
         np.save(broken / "labels.npy", labels)
-        with pytest.raises(UserError, match="the arrays disagree with meta.json"):
+        with pytest.raises(UserError, match=f"labels.npy holds {says}.*not integers in 0..1 \\(its 2 classes\\)"):
             train.main(train_args(tmp_path / "run", "--data", str(broken)))
     monkeypatch.setitem(sys.modules, "diffusers", None)          # as if not installed
     with pytest.raises(UserError, match="latent mode needs diffusers: pip install diffusers"):
@@ -948,3 +964,193 @@ def test_classifier_measure_recognizes_real_images_and_sees_wrong_labels_and_noi
                        cwd=HERE, capture_output=True, text=True)
     assert f"classifier Fréchet distance {real['fd']:.3f} (noise floor {real['floor']:.3f}" in r.stdout, r.stderr
     assert f"accuracy {real['accuracy']:.3f}" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silent, nothing lost: inputs changed under a run, other runs, signals, disks, non-numbers
+
+def small_folder(root, classes=("cat", "dog"), n=8, size=16):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_run_continued_on_changed_data_is_refused_or_noted(tmp_path):
+    """Renamed classes would swap the labels: refused for --resume and --init, naming them; images
+    added move the held-out split: noted in the log; a SharpMoE --init keeps its R_sal config."""
+    data = small_folder(tmp_path / "data")
+    flags = ("--data", str(data), "--image-size", "16", "--global-batch-size", "4", "--steps", "2")
+    train.main(train_args(tmp_path / "run", *flags))
+    os.rename(data / "dog", data / "fox")
+    for flag in ("--resume", "--init"):
+        with pytest.raises(UserError, match=f"{flag} .*last.pt was trained on other classes \\('dog' is now 'fox'\\)"):
+            train.main(train_args(tmp_path / ("run" if flag == "--resume" else "post"), *flags, "--steps", "3",
+                                  flag, str(tmp_path / "run" / "last.pt")))
+    os.rename(data / "fox", data / "dog")
+    small_folder(data, n=12)                                    # 4 more images per class
+    train.main(train_args(tmp_path / "run", *flags, "--steps", "3", "--resume", str(tmp_path / "run" / "last.pt")))
+    assert "note: the held-out images differ from those of" in (tmp_path / "run" / "log.txt").read_text()
+    sharp = tmp_path / "sharp"
+    train.main(train_args(sharp, *flags[:6], "--steps", "1", "--init", str(tmp_path / "run" / "last.pt"),
+                          "--trajectory-steps", "2", "--sal-position", "off", "--sal-hidden", "8"))
+    with pytest.raises(UserError, match="already has R_sal \\(sal_hidden 8, sal_position off\\); drop --sal-position on"):
+        train.main(train_args(tmp_path / "again", *flags[:6], "--init", str(sharp / "last.pt"), "--trajectory-steps",
+                              "2", "--sal-position", "on"))
+    train.main(train_args(tmp_path / "again", *flags[:6], "--steps", "1", "--init", str(sharp / "last.pt"),
+                          "--trajectory-steps", "2"))
+    config = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["config"]
+    assert (config["sal_hidden"], config["sal_position"]) == (8, False)   # the checkpoint's, not the defaults
+    notes = train.check_same_data("x.pt", "--resume", dict(world=2), Strokes(32, 4), Strokes(32, 4, start=HELD_OUT), 1,
+                                  "diffmoe")
+    assert notes and "ran on 2 rank(s), this run on 1: DiffMoE's pool is each rank's batch" in notes[0]
+
+
+def test_a_checkpoint_without_optimizer_or_ema_resumes_never_and_inits_with_a_note(tmp_path, capsys):
+    train.main(train_args(tmp_path / "run", "--steps", "2"))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    torch.save(dict(model=ckpt["model"], config=ckpt["config"], args=ckpt["args"]), tmp_path / "shared.pt")
+    with pytest.raises(UserError, match="shared.pt has no ema, opt, step .*post-train from it with --init instead"):
+        train.main(train_args(tmp_path / "b", "--resume", str(tmp_path / "shared.pt")))
+    train.main(train_args(tmp_path / "c", "--init", str(tmp_path / "shared.pt"), "--trajectory-steps", "2", "--steps", "1"))
+    assert "has no EMA weights; the EMA starts from its model weights" in capsys.readouterr().out
+
+
+def test_one_run_per_output_folder_and_sigterm_stops_the_children(tmp_path):
+    """A second run into a folder another run holds gets one line. compare.py under SIGTERM (timeout,
+    schedulers, kill) stops the train.py it started (no orphan writing on)."""
+    from common import hold_lock
+    with hold_lock(str(tmp_path / "run")):
+        with pytest.raises(UserError, match=f"another run is writing into {tmp_path / 'run'} \\(process {os.getpid()}"):
+            train.main(train_args(tmp_path / "run"))
+    train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "1"))
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "compare.py", "--init", str(tmp_path / "pre" / "last.pt"), "--out",
+                             str(tmp_path / "cmp"), "--results", str(tmp_path / "res"), "--seeds", "0", "--budgets",
+                             "100000", "--settings", "paper", "--num-workers", "0", "--eval-images", "8",
+                             "--builtin-size", "64"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = lambda: [p for p in os.listdir("/proc") if p.isdigit() and str(tmp_path / "cmp") in
+                     open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace") and "train.py" in
+                     open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")]
+    for _ in range(600):                                        # until its train.py has started
+        if child() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    pids = child()
+    assert pids, "compare.py started no train.py"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(0.5)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+
+
+def test_full_and_read_only_disks_say_so_in_one_line_and_lose_nothing(tmp_path, monkeypatch):
+    import errno
+    import common
+    train.main(train_args(tmp_path / "run", "--steps", "2", "--ckpt-every", "1"))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):                             # what torch.save says when the disk fills up
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="cannot write .*last.pt: RuntimeError: .*file write failed .* GiB free on the disk"):
+        train.main(train_args(tmp_path / "run", "--steps", "3", "--resume", str(tmp_path / "run" / "last.pt")))
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before    # the last good one, intact
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]   # no half-written file left behind
+    monkeypatch.undo()
+    real_open = open
+
+    def read_only(path, *a, **k):
+        if ".write-test" in str(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", read_only)
+    for main, argv in ((train.main, train_args(tmp_path / "ro")),
+                       (fid.main, None)):
+        if argv is None:
+            import argparse
+            argv = argparse.Namespace(samples=str(tmp_path / "x.npz"), ref=None, batch_size=10, classifier=None,
+                                      save_stats=str(tmp_path / "stats.npz"), inception_weights=None)
+        with pytest.raises(UserError, match="cannot write .*: the disk is read-only"):
+            main(argv)
+    monkeypatch.undo()
+    def broken_write(*a, **k):                                  # a statistics file cut off half-way
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np.lib.format, "write_array", broken_write)
+    with pytest.raises(UserError, match="stats.npz: the disk is full"):
+        common.save_npz(str(tmp_path / "stats.npz"), mu=np.zeros(3))
+    assert not os.path.exists(tmp_path / "stats.npz") and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_non_numbers_are_refused_where_they_enter(tmp_path, latent_dir, tiny_vae, monkeypatch):
+    from data import read_rgb
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(tmp_path / "nan.tif")
+    with pytest.raises(UserError, match=r"nan.tif \(ValueError: mode F with values that are not numbers"):
+        read_rgb(tmp_path / "nan.tif")
+    import shutil
+    lat = tmp_path / "lat"
+    shutil.copytree(latent_dir, lat)
+    a = np.load(lat / "latents.npy", mmap_mode="r+")
+    a[3, 0, 0, 0, 0] = np.nan
+    a.flush()
+    with pytest.raises(UserError, match="latent 3 is not a number \\(NaN or inf\\)"):
+        list(LatentFolder(str(lat)))
+    import latents
+    monkeypatch.setattr(latents, "encode", lambda vae, x: torch.full((x.shape[0], 4, 16, 16), float("nan")))
+    with pytest.raises(UserError, match="latents that are not numbers \\(NaN or inf\\) for .*0.png"):
+        extract(str(small_folder(tmp_path / "imgs", size=32)), tiny_vae, tmp_path / "nanlat")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="--resume .*last.pt and a lower --lr|nothing was saved; rerun with a lower --lr"):
+        def nan_loss(*a, **k):
+            loss, aux, routes = real(*a, **k)
+            return loss * float("nan"), aux, routes
+        real = sm.flow_loss
+        monkeypatch.setattr(sm, "flow_loss", nan_loss)
+        train.main(train_args(tmp_path / "diverged"))
+
+
+def test_fid_inputs_as_pytorch_fid_users_have_them_or_one_line_before_work(tmp_path):
+    for c in ("a", "b"):                                       # an ImageNet-style folder
+        small_folder(tmp_path / "nested", classes=(c,), n=3)
+    run = lambda *a: subprocess.run([sys.executable, "fid.py", *a], cwd=HERE, capture_output=True, text=True)
+    r = run(str(tmp_path / "nested"), "--inception-weights", str(tmp_path / "none.pth"))
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nested'} holds its images in subfolders (a, b), "
+                                             "which fid.py would ignore: it reads the images at the top of a folder, "
+                                             "as pytorch-fid does; pass one flat folder of images (or an .npz)"]
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "nested" / "top.png")
+    assert "also holds subfolders of images" in run(str(tmp_path / "nested")).stderr
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    save_npz(str(tmp_path / "good.npz"), arr_0=images)
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 2])
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:   # a header that promises more than it holds
+        z.writestr("arr_0.npy", raw[raw.index(b"\x93NUMPY"):][:200])
+    with zipfile.ZipFile(tmp_path / "garbled.npz", "w") as z:
+        z.writestr("arr_0.npy", b"not an array at all")
+    for name, says in (("cut.npz", "neither an image folder nor an .npz file"), ("short.npz", "the file is truncated"),
+                       ("garbled.npz", "not a readable .npz")):
+        r = run(str(tmp_path / name), "--inception-weights", str(tmp_path / "none.pth"))
+        assert len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, (name, r.stderr)
+
+
+def test_environment_and_names_that_would_break_the_scripts():
+    env = dict(os.environ, RANK="0")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "train.py", "--preset", "tiny"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert r.stderr.strip().splitlines() == ["error: RANK is set but not WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+                                             "MASTER_PORT: start the script under torchrun (torchrun --nproc_per_node=N "
+                                             "SCRIPT ...), or unset RANK for one process"]
+    import sample
+    out = os.path.join(HERE, "runs", "grid-test.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    sample.save_grid(np.zeros((3, 8, 8, 3), np.uint8), out, 3, ["two\nlines", "", "😀 中文\ttab"])
+    assert Image.open(out).size[0] > 3 * 64
+    os.remove(out)

@@ -53,25 +53,31 @@ def check_args(args):
     """Refuse nonsense before anything is built, in one line."""
     finite = math.isfinite
     check_out_folder(args.out, "--out")
+    for flag, folder in (("--data", args.data), ("--val-data", args.val_data)):
+        if folder and os.path.commonpath([os.path.abspath(args.out), folder]) == folder:
+            raise UserError(f"--out {args.out} lies inside {flag} {folder}: it would be read as a class folder; "
+                            "put the run elsewhere")
     if args.resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
         raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
                         "continue it, or pick another --out")
-    for ok, msg in ((args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
-                    (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
-                    (not args.init or args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must "
-                     "be at least 2: step 1 has no x0_hat to route with (the paper uses 10)"),
-                    (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
-                    (not args.init or finite(args.routing_weight) and args.routing_weight >= 0,
-                     f"--routing-weight {args.routing_weight} must be 0 or more (the paper: 0.001)"),
-                    (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
-                    (finite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g} must be 0 or more"),
-                    (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
-                    (not args.init or finite(args.routing_temp) and args.routing_temp > 0,
-                     f"--routing-temp {args.routing_temp} must be positive"),
-                    (min(args.log_every, args.ckpt_every, args.probe_every) >= 1,
-                     "--log-every, --ckpt-every and --probe-every must be at least 1"),
-                    (args.probe_images >= 0, f"--probe-images {args.probe_images} must be 0 or more"),
-                    (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")):
+    checks = [(args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
+              (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
+              (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
+              (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
+              (finite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g} must be 0 or more"),
+              (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
+              (min(args.log_every, args.ckpt_every, args.probe_every) >= 1,
+               "--log-every, --ckpt-every and --probe-every must be at least 1"),
+              (args.probe_images >= 0, f"--probe-images {args.probe_images} must be 0 or more"),
+              (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")]
+    if args.init:                                              # (the post-training flags exist only there)
+        checks += [(args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
+                    "step 1 has no x0_hat to route with (the paper uses 10)"),
+                   (finite(args.routing_weight) and args.routing_weight >= 0,
+                    f"--routing-weight {args.routing_weight:g} must be 0 or more (the paper: 0.001)"),
+                   (finite(args.routing_temp) and args.routing_temp > 0,
+                    f"--routing-temp {args.routing_temp:g} must be positive")]
+    for ok, msg in checks:
         if not ok:
             raise UserError(msg)
 
@@ -84,8 +90,9 @@ def resume_checkpoint(args):
     ckpt = load_checkpoint(args.resume)
     old = {RENAMED.get(k, k): os.path.abspath(v) if k in PATHS and v else v for k, v in ckpt.get("args", {}).items()}
     ignored = RESUME_MAY_CHANGE + tuple(MODEL_DEFAULTS if args.init else SHARPMOE_DEFAULTS)
-    differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()   # (None: not given,
-              if k in old and k not in ignored and v is not None and old[k] != v]           #  the checkpoint's)
+    unset = lambda k, v: k not in PATHS and (v is None or old[k] is None)   # a flag of the other kind of run
+    differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()
+              if k in old and k not in ignored and not unset(k, v) and old[k] != v]
     if differ:
         may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE if k not in ("resume", "out"))
         raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; resume with the "
@@ -193,8 +200,12 @@ def run_record(args, data, held_out, world):
 
 def held_out_id(held_out):
     """A short id of which items the held-out set holds (images added to a folder move it)."""
-    items = getattr(held_out, "files", None)
-    key = [items[i][0] for i in held_out.index] if items else list(getattr(held_out, "index", [held_out.start, len(held_out)]))
+    if hasattr(held_out, "files"):                             # an image folder: its files
+        key = [held_out.files[i][0] for i in held_out.index]
+    elif hasattr(held_out, "index"):                           # a latent folder: its items
+        key = [int(i) for i in held_out.index]
+    else:                                                      # built-in data: its index range
+        key = [held_out.start, len(held_out)]
     return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
 
