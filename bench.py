@@ -27,6 +27,7 @@ import tempfile
 import time
 from copy import deepcopy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,50 +62,141 @@ def paired_ratio(fn, ref, reps):
     return sorted(timeit(fn, 1, 0) / timeit(ref, 1, 0) for _ in range(reps))[reps // 2]
 
 
+# ----------------------------------------------------------------------------------------------
+# Part 1: one MoE layer as train.py trains it, and the designs the peers ship (written here from
+# their descriptions, not copied): KwaiVGI/DiffMoE's EC-DiT layer dispatches with a one-hot
+# (B, E, C, N) einsum and runs the experts in a Python loop; its DiffMoE training layer gathers,
+# stacks per-expert outputs, scatters them into an (E * tokens, D) buffer and updates the
+# thresholds expert by expert.
+
+class OneHotEC(torch.nn.Module):
+    """EC-DiT with one-hot einsum dispatch and combine, the experts in a loop."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        B, N, D = x.shape
+        m = self.moe
+        gates = m.pre_router(x).softmax(-1)                    # (B, N, E)
+        C = N * m.k // m.E
+        top = gates.topk(C, dim=1)                             # (B, C, E) per expert's top tokens
+        onehot = F.one_hot(top.indices.transpose(1, 2), N).to(x.dtype)   # (B, E, C, N)
+        xe = torch.einsum("becn,bnd->becd", onehot, x)         # dispatch
+        w1, b1, w2, b2 = m.experts.w1, m.experts.b1, m.experts.w2, m.experts.b2
+        ye = torch.stack([F.gelu(xe[:, e] @ w1[e] + b1[e]) @ w2[e] + b2[e] for e in range(m.E)], 1)   # (B, E, C, D)
+        combine = onehot * top.values.transpose(1, 2).unsqueeze(-1)      # (B, E, C, N) gate-weighted
+        return torch.einsum("becn,becd->bnd", combine, ye), x.new_zeros(())
+
+
+class GatherStackDiffMoE(torch.nn.Module):
+    """DiffMoE training with per-expert gathers, stacked outputs scattered into an (E * B*N, D)
+    buffer, the predictor's BCE, and thresholds updated in a loop over experts."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        B, N, D = x.shape
+        m = self.moe
+        flat = x.reshape(B * N, D)
+        gates = m.pre_router(flat).softmax(-1)                 # (B*N, E)
+        C = B * N * m.k // m.E
+        idx = gates.t().topk(C, dim=1).indices                 # (E, C)
+        w1, b1, w2, b2 = m.experts.w1, m.experts.b1, m.experts.w2, m.experts.b2
+        outs = [F.gelu(flat[idx[e]] @ w1[e] + b1[e]) @ w2[e] + b2[e] for e in range(m.E)]
+        y = torch.stack(outs) * gates.t().gather(1, idx).unsqueeze(-1)   # (E, C, D)
+        buf = flat.new_zeros(m.E * B * N, D)
+        rows = (idx + torch.arange(m.E, device=x.device)[:, None] * B * N).flatten()
+        buf = buf.index_copy(0, rows, y.flatten(0, 1))
+        out = buf.view(m.E, B * N, D).sum(0)
+        mask = torch.zeros(m.E, B * N, device=x.device).scatter_(1, idx, 1.0).t()
+        logits = m.capacity_predictor(flat.detach())
+        with torch.no_grad():
+            scores = logits.sigmoid()
+            for e in range(m.E):                               # the thresholds, expert by expert
+                kth = scores[:, e].topk(C).values[-1]
+                m.thresholds[e] = m.decay * m.thresholds[e] + (1 - m.decay) * kth
+        return out.view(B, N, D), F.binary_cross_entropy_with_logits(logits, mask)
+
+
 def fwd_bwd(module, x, g):
     """Forward and backward of one layer as in training: gradients start at None (a benchmark
-    that lets them accumulate charges the MoE's E times larger weights an extra add per step)."""
+    that lets them accumulate charges the MoE's E times larger weights an extra add per step), and
+    the backward runs from the output and the layer's aux loss (TC's balance loss, DiffMoE's
+    capacity-predictor BCE), as train.py back-propagates them."""
     def run():
         module.zero_grad(set_to_none=True)
         x.grad = None
         out = module(x)
-        (out[0] if isinstance(out, tuple) else out).backward(g)
+        if isinstance(out, tuple) and out[1].requires_grad:
+            torch.autograd.backward([out[0], out[1]], [g, torch.ones_like(out[1])])
+        else:
+            (out[0] if isinstance(out, tuple) else out).backward(g)
+        if isinstance(module, sm.MoE):
+            sm.update_thresholds(module)                        # (once per iteration, as forward_backward)
     return run
 
 
-def layer_ratios(device, reps, sizes=((256, 32, 64), (512, 16, 256)), dtype=torch.float32):
-    """{(width, router): MoE / dense time ratio}, and the dense ms per width."""
+LAYERS = (("experts", "the experts' batched matmuls alone (8 experts), no routing"),
+          ("tc", "token choice, 8 experts, its balance loss"), ("ec", "expert choice in each image, 8 experts"),
+          ("ec one-hot", "the peers' EC layer: one-hot einsum dispatch, experts in a loop"),
+          ("diffmoe", "DiffMoE, 16 experts, its capacity predictor's BCE back-propagated"),
+          ("diffmoe gather-stack", "the peers' DiffMoE training layer, 16 experts"),
+          ("diffmoe 8", "DiffMoE with 8 experts (the rows before this table was made as trained)"))
+
+
+def layer(name, width, device, dtype):
+    """The module of a row of LAYERS at this width, in training mode."""
+    router = name.split()[0]
+    if router == "experts":
+        return sm.Experts(8, width, 4 * width).to(device, dtype)
+    E = 8 if router != "diffmoe" or name == "diffmoe 8" else 16
+    moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=E)).to(device, dtype).train()
+    return {"ec one-hot": OneHotEC, "diffmoe gather-stack": GatherStackDiffMoE}.get(name, lambda m: m)(moe)
+
+
+def layer_ratios(device, reps, sizes=((256, 32, 64), (512, 16, 256)), dtype=torch.float32, names=None):
+    """{(width, row): layer / dense time ratio, forward + backward}, and the dense ms per width."""
     out = {}
     for width, B, N in sizes:
         x = torch.randn(B, N, width, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(B, N, width, device=device, dtype=dtype)
         dense = fwd_bwd(sm.MLP(width, 4 * width).to(device, dtype), x, g)
         out[width, "dense ms"] = timeit(dense, reps) * 1e3
-        experts = sm.Experts(8, width, 4 * width).to(device, dtype)    # the experts alone, no routing
-        xe = x.detach().view(8, -1, width).requires_grad_()
-        out[width, "experts"] = paired_ratio(fwd_bwd(experts, xe, g.view(8, -1, width)), dense, reps)
-        for router in ("tc", "ec", "diffmoe"):
-            moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=8)).to(device, dtype).train()
-            out[width, router] = paired_ratio(fwd_bwd(moe, x, g), dense, reps)
+        for name, _ in LAYERS:
+            if names and name not in names:
+                continue
+            module = layer(name, width, device, dtype)
+            if name == "experts":
+                xe = x.detach().view(8, -1, width).requires_grad_()
+                out[width, name] = paired_ratio(fwd_bwd(module, xe, g.view(8, -1, width)), dense, reps)
+            else:
+                out[width, name] = paired_ratio(fwd_bwd(module, x, g), dense, reps)
     return out
 
 
 def print_layer_ratios(device, reps):
-    print("\n1. MoE layer / dense MLP, forward + backward (same activated FLOPs; ratio 1.00 = no overhead); "
-          "'experts': the 8 experts' batched matmuls alone, without routing")
+    print("\n1. One MoE layer / a dense MLP of the same activated FLOPs (full-width experts, one expert per token "
+          "on average), forward + backward as train.py trains it; ratio 1.00 = no overhead")
+    for name, what in LAYERS:
+        print(f"    {name:>22}: {what}")
     r = layer_ratios(device, reps)
-    print(f"{'width':>6} {'tokens':>7} {'dense ms':>9} " + " ".join(f"{k:>8}" for k in ("experts", "tc", "ec", "diffmoe")))
+    print(f"{'width':>6} {'tokens':>7} {'dense ms':>9} " + " ".join(f"{n:>12}" for n, _ in LAYERS))
     for width, tokens in ((256, 2048), (512, 4096)):
-        print(f"{width:>6} {tokens:>7} {r[width, 'dense ms']:>9.2f} "
-              + " ".join(f"{r[width, k]:>8.2f}" for k in ("experts", "tc", "ec", "diffmoe")))
+        print(f"{width:>6} {tokens:>7} {r[width, 'dense ms']:>9.2f} " + " ".join(f"{r[width, n]:>12.2f}" for n, _ in LAYERS))
 
 
-def train_step(model, cfg, x, y, opt, T=1, scope=None, stepwise=False):
+def train_step(model, cfg, x, y, opt, T=1, scope=None, stepwise=False, bf16=None):
     """One training iteration with fresh draws: ordinary (T = 1) or SharpMoE with the paper's
-    loss (scope "trajectory") or the per-step KL (scope "step"); bf16 autocast on a GPU, as train.py."""
+    loss (scope "trajectory") or the per-step KL (scope "step"); under bf16 autocast (default: on
+    a GPU, as train.py)."""
     opt.zero_grad(set_to_none=True)
     opts = sm.SharpMoEOptions(scope=scope, stepwise=stepwise) if T > 1 else None
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda)
+    bf16 = x.is_cuda if bf16 is None else bf16
+    autocast = lambda: torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
     sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], T, device=x.device), opts, autocast)
     opt.step()
 
@@ -151,9 +243,9 @@ POST_PATHS = (("unrolled", "trajectory", False), ("stepwise, trajectory KL", "tr
               ("stepwise, per-step KL", "step", True))
 
 
-def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 32)):
+def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 32), bf16=None):
     """Per T: the ordinary iteration (ms, activation MB) and, per path, time / ordinary and
-    memory / ordinary. On a GPU also the peak allocated memory (MB) of each."""
+    memory / ordinary. On a GPU also the peak allocated memory (MB) of each. bf16: train_step's."""
     ch, size = image
     base_cfg = sm.make_config(preset, router="ec", num_classes=10, in_channels=ch, image_size=size)
     base_model = sm.DiT(base_cfg).to(device)
@@ -161,12 +253,12 @@ def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 
     cfg = model.cfg
     base_opt, opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4), torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, ch, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
-    ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt)
+    ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt, bf16=bf16)
     rows = {"ordinary ms": timeit(ordinary, reps) * 1e3,
             "ordinary MB": saved_bytes(lambda: forward_backward(base_model, base_cfg, x, y)) / 2**20}
     for T in Ts:
         for name, scope, stepwise in POST_PATHS:
-            step = lambda: train_step(model, cfg, x, y, opt, T, scope, stepwise)
+            step = lambda: train_step(model, cfg, x, y, opt, T, scope, stepwise, bf16)
             rows[T, name, "time"] = paired_ratio(step, ordinary, max(3, reps // 2))
             rows[T, name, "memory"] = saved_bytes(step) / 2**20 / rows["ordinary MB"]
             if device.type == "cuda":
@@ -295,20 +387,34 @@ def latent_recipe_estimate(tflops=300.0, images=126_689, batch=256, pretrain=100
 
 
 # ----------------------------------------------------------------------------------------------
-# The GPU check: python bench.py --gpu
+# The GPU check: python bench.py --gpu (every part also runs on the CPU: gpu_check(cpu, quick=True))
 
-# Dense bf16 peak TFLOP/s (tensor cores, no sparsity), by device name, for MFU.
-PEAK_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 756, "A100": 312,
-               "L40S": 362, "L4": 121, "A10G": 70, "A10": 125, "RTX 4090": 165, "RTX 3090": 71}
+# Dense bf16 peak TFLOP/s (tensor cores, no sparsity) for MFU, by compute capability and SM count
+# (names mislead: the H100 SXM calls itself "NVIDIA H100 80GB HBM3"); "NVL" in the name where
+# the same chip runs at another clock.
+PEAK_TFLOPS = [((9, 0), 132, "NVL", 835),     # H100 NVL, H200 NVL
+               ((9, 0), 132, "", 989),        # H100 SXM, H200
+               ((9, 0), 114, "", 756),        # H100 PCIe
+               ((10, 0), 148, "", 2250),      # B200
+               ((8, 0), 108, "", 312),        # A100 (SXM and PCIe)
+               ((8, 9), 142, "", 362),        # L40S
+               ((8, 9), 58, "", 121),         # L4
+               ((8, 9), 128, "", 165),        # RTX 4090
+               ((8, 6), 72, "", 125),         # A10
+               ((8, 6), 80, "", 70),          # A10G
+               ((8, 6), 82, "", 71)]          # RTX 3090
 
 
-def agreement(device, router, sharpmoe, dtype):
-    """Max relative difference, CPU fp32 against `device` (fp32, or bf16 autocast), of a tiny
-    model's output v and of one training step's gradients (the same weights, batch, draws)."""
-    torch.manual_seed(0)
-    cfg = sm.make_config("tiny", router=router, num_classes=10)
-    model = sm.DiT(cfg)
-    with torch.no_grad():                                      # weights as after training: adaLN-Zero opened
+def peak_tflops(name, capability, sms):
+    """The dense bf16 peak of a GPU (PEAK_TFLOPS), or None if it is not listed."""
+    return next((p for cap, n, tag, p in PEAK_TFLOPS if cap == tuple(capability) and n == sms and tag in name), None)
+
+
+def tiny_trained_like(router, sharpmoe, seed=0):
+    """A tiny model with weights as after training (adaLN-Zero opened, R_sal nonzero)."""
+    torch.manual_seed(seed)
+    model = sm.DiT(sm.make_config("tiny", router=router, num_classes=10))
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "adaLN" in name or "final_layer.linear" in name:
                 p.normal_(std=0.05)
@@ -317,17 +423,23 @@ def agreement(device, router, sharpmoe, dtype):
         with torch.no_grad():
             for layer in model.moe_layers():
                 layer.sal_router.fc2.weight.normal_(std=0.1)
+    return model
+
+
+def agreement(device, router, sharpmoe, bf16):
+    """Relative difference of a tiny model's output v and of one training step's gradients,
+    `device` (fp32, or bf16 autocast) against the CPU in fp32, on the same weights and draws."""
+    model = tiny_trained_like(router, sharpmoe)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    draw = sm.draw_training(cfg, 8, T=3 if sharpmoe else 1, generator=torch.Generator().manual_seed(1))
+    draw = sm.draw_training(model.cfg, 8, T=3 if sharpmoe else 1, generator=torch.Generator().manual_seed(1))
     opts = sm.SharpMoEOptions(lam=0.1, stepwise=False) if sharpmoe else None
     results = []
-    for dev, cast in (("cpu", False), (device, dtype == torch.bfloat16)):
+    for dev, cast in ((torch.device("cpu"), False), (device, bf16)):
         m = deepcopy(model).to(dev).train()
         d = sm.Draw(*(t.to(dev) for t in draw))
-        with torch.no_grad(), torch.autocast(dev.type if hasattr(dev, "type") else dev, dtype=torch.bfloat16,
-                                             enabled=cast):
+        autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cast)
+        with torch.no_grad(), autocast():
             v = m(x.to(dev), d.ts[0], y.to(dev), x0_hat=x.to(dev) if sharpmoe else None)[0].float().cpu()
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=cast)
         sm.forward_backward(m, m.cfg, x.to(dev), y.to(dev), d, opts, autocast=autocast)
         results.append((v, [p.grad.float().cpu() for p in m.parameters() if p.grad is not None]))
     (v0, g0), (v1, g1) = results
@@ -335,101 +447,137 @@ def agreement(device, router, sharpmoe, dtype):
     return rel(v0, v1), max(rel(a, b) for a, b in zip(g0, g1))
 
 
+def sampling_agreement(device, router, steps=20):
+    """sample.py's default on a GPU (bf16 autocast) against fp32 on the same device: the largest
+    pixel difference in [-1, 1] units and the share of uint8 pixels that differ, over 16 samples."""
+    model = tiny_trained_like(router, router != "dense").to(device).eval()
+    noise, y = torch.randn(16, 3, 32, 32, device=device), torch.arange(16, device=device) % 10
+    out = []
+    for bf16 in (False, True):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out.append(sm.sample(model, noise, y, steps, 1.5).float().clamp(-1, 1))
+    u8 = [((o + 1) * 127.5).round() for o in out]
+    return float((out[0] - out[1]).abs().max()), float((u8[0] != u8[1]).float().mean())
+
+
 def ragged_paths(device, dtype, E=8, D=1024, counts=None, reps=10):
-    """Experts.ragged (a loop over experts) against F.grouped_mm on the same weights: the relative
-    output difference, and ms of each (forward + backward)."""
+    """Experts.ragged's loop over experts against its F.grouped_mm path on the same weights: the
+    relative output difference, and ms of each (forward + backward)."""
     torch.manual_seed(0)
     experts = sm.Experts(E, D, 4 * D).to(device, dtype)
     with torch.no_grad():                                       # biases that differ per expert
         experts.b1.normal_(std=0.1), experts.b2.normal_(std=0.1)
-    counts = counts if counts is not None else torch.randint(16, 48, (E,)) * 16   # (grouped_mm: aligned groups)
+    counts = counts if counts is not None else torch.randint(100, 900, (E,))
     x = torch.randn(int(counts.sum()), D, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)
-    offs = counts.cumsum(0).int().to(device)
-    idx = torch.repeat_interleave(torch.arange(E, device=device), counts.to(device))
-
-    def grouped(x):
-        h = F.gelu(F.grouped_mm(x, experts.w1, offs=offs) + experts.b1[idx])
-        return F.grouped_mm(h, experts.w2, offs=offs) + experts.b2[idx]
-    loop = lambda x: experts.ragged(x, counts)
+    run = lambda grouped: experts.ragged(x, counts.to(device), grouped=grouped)
     with torch.no_grad():
-        a, b = loop(x).float(), grouped(x).float()
-    diff = float((a - b).norm() / a.norm())
-    times = [timeit(lambda: fn(x).backward(g), reps) * 1e3 for fn in (loop, grouped)]
-    return diff, times
+        a, b = run(False).float(), run(True).float()
+    times = [timeit(lambda: run(grouped).backward(g), reps) * 1e3 for grouped in (False, True)]
+    return float((a - b).norm() / a.norm()), times
 
 
-def train_throughput(device, preset, router, batch=128, reps=10, peak=None):
-    """Training images/s on 32x32x4 latent-shaped inputs in bf16 autocast, and MFU: counted
-    FLOPs (3 x the forward's) x images/s / the device's dense bf16 peak."""
+def train_throughput(device, preset, router, batch=128, reps=10):
+    """Training images/s on 32x32x4 latent-shaped inputs under bf16 autocast (as train.py on a
+    GPU), and the counted FLOPs per image (3 x the forward's)."""
     cfg = sm.make_config(preset, router=router, image_size=32, in_channels=4, num_classes=1000)
     model = sm.DiT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     x, y = torch.randn(batch, 4, 32, 32, device=device), torch.randint(0, 1000, (batch,), device=device)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
         opt.zero_grad(set_to_none=True)
         sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, batch, device=device), autocast=autocast)
         opt.step()
     t = timeit(step, reps)
-    flops = 3 * gflops(lambda: model(x, torch.rand(batch, device=device), y)) * 1e9
-    return batch / t, (flops / t / (peak * 1e12) if peak else None)
+    return batch / t, 3 * gflops(lambda: model(x[:1], torch.rand(1, device=device), y[:1])) * 1e9
 
 
-def gpu_check(args):
-    """The GPU check, one table per part (README: "GPU check")."""
-    if not torch.cuda.is_available():
-        print("bench.py --gpu: no GPU here (torch.cuda.is_available() is False); nothing to check")
-        return
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py on a GPU
-    print(f"GPU check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"{time.strftime('%Y-%m-%d')}; dense bf16 peak {peak} TFLOP/s")
-    print("\nA. CUDA against CPU (fp32), tiny model: relative difference of v and of one step's gradients")
+def loader_throughput(images=256, workers=4, size=(500, 375), crop=256):
+    """Images/s of train.py's ImageFolder (decode, ADM center crop to `crop`) with `workers`
+    DataLoader workers, on synthetic JPEGs of an ImageNet-like size."""
+    from PIL import Image
+    from data import ImageFolder
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        os.makedirs(os.path.join(root, "a"))
+        for i in range(images):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+                os.path.join(root, "a", f"{i}.jpg"), quality=90)
+        loader = torch.utils.data.DataLoader(ImageFolder(root, crop), batch_size=32, num_workers=workers)
+        t0 = time.perf_counter()
+        n = sum(len(y) for _, y in loader)
+        return n / (time.perf_counter() - t0)
+
+
+def gpu_check(device, quick=False):
+    """The GPU check, one table per part (quick: tiny sizes, for the tests on a CPU)."""
+    on_gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    peak = peak_tflops(name, torch.cuda.get_device_capability(), torch.cuda.get_device_properties(0).multi_processor_count) \
+        if on_gpu else None
+    reps = 2 if quick else 20
+    print(f"GPU check: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, {time.strftime('%Y-%m-%d')}; "
+          f"dense bf16 peak {peak} TFLOP/s")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 means fp32 in A
+    print("\nA. This device against the CPU in fp32, tiny model (trained-like weights): relative difference of the "
+          "output v and of one training step's gradients")
     print(f"{'model':>16} {'fp32 v':>9} {'fp32 grad':>10} {'bf16 v':>9} {'bf16 grad':>10}")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 means fp32 here
     for router, sharp in [(r, False) for r in sm.ROUTERS] + [("ec", True), ("diffmoe", True)]:
-        fp32 = agreement(device, router, sharp, torch.float32)
-        bf16 = agreement(device, router, sharp, torch.bfloat16)
+        fp32, bf16 = agreement(device, router, sharp, False), agreement(device, router, sharp, True)
         print(f"{router + (' + SharpMoE' if sharp else ''):>16} {fp32[0]:>9.1e} {fp32[1]:>10.1e} {bf16[0]:>9.1e} "
               f"{bf16[1]:>10.1e}")
-    print("    expected: fp32 below 1e-4; bf16 below 3e-2 (8 mantissa bits); diffmoe and tc can differ more where a "
-          "rounding flips a selection")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    print("\nB. MoE layer / dense MLP in bf16, forward + backward, 8 experts, 8192 tokens")
-    r = layer_ratios(device, 20, sizes=((768, 32, 256), (1024, 32, 256)), dtype=torch.bfloat16)
-    print(f"{'width':>6} {'dense ms':>9} " + " ".join(f"{k:>8}" for k in ("experts", "tc", "ec", "diffmoe")))
-    for width in (768, 1024):
-        print(f"{width:>6} {r[width, 'dense ms']:>9.2f} "
-              + " ".join(f"{r[width, k]:>8.2f}" for k in ("experts", "tc", "ec", "diffmoe")))
-    print("\nC. Training on 32x32x4 latent-shaped inputs, bf16 autocast, fused AdamW, batch 128")
+    print("    fp32: kernel order only (about 1e-6); bf16: 8 mantissa bits, about 1e-2 for dense, more for the MoE "
+          "rows, where a rounding flips a token's selection (an expected difference, not an error)")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py on a GPU
+    sizes = ((64, 4, 64),) if quick else ((768, 32, 256), (1024, 32, 256))
+    print(f"\nB. Part 1 in bf16: one MoE layer / a dense MLP, forward + backward as trained, {sizes[0][1] * sizes[0][2]} tokens")
+    r = layer_ratios(device, reps, sizes=sizes, dtype=torch.bfloat16)
+    print(f"{'width':>6} {'dense ms':>9} " + " ".join(f"{n:>12}" for n, _ in LAYERS))
+    for width, _, _ in sizes:
+        print(f"{width:>6} {r[width, 'dense ms']:>9.2f} " + " ".join(f"{r[width, n]:>12.2f}" for n, _ in LAYERS))
+    print("\nC. Training on 32x32x4 latent-shaped inputs, bf16 autocast, batch 128: images/s and MFU "
+          "(counted FLOPs x images/s / peak)")
     print(f"{'preset':>6} {'router':>8} {'img/s':>8} {'MFU':>6}")
-    for preset in ("S", "B"):
+    for preset in (("tiny",) if quick else ("S", "B")):
         for router in sm.ROUTERS:
-            ips, mfu = train_throughput(device, preset, router, peak=peak)
-            print(f"{preset:>6} {router:>8} {ips:>8.0f} " + (f"{mfu:>6.1%}" if mfu else "     -"))
-    print("\nD. One post-training iteration, preset B, ec, T = 10, batch 32, 32x32x4: against one ordinary iteration")
-    rows = post_training_cost(device, 32, 5, preset="B", Ts=(10,), image=(4, 32))
+            ips, flops = train_throughput(device, preset, router, batch=8 if quick else 128, reps=reps)
+            print(f"{preset:>6} {router:>8} {ips:>8.0f} " + (f"{flops * ips / (peak * 1e12):>6.1%}" if peak else "     -"))
+    preset, batch = ("tiny", 4) if quick else ("B", 32)
+    print(f"\nD. One post-training iteration, preset {preset}, ec, T = 10, batch {batch}, against one ordinary iteration")
+    rows = post_training_cost(device, batch, 2 if quick else 5, preset=preset, Ts=(10,), image=(4, 32), bf16=True)
     for path, _, _ in POST_PATHS:
-        print(f"{path:>24}: time x {rows[10, path, 'time']:.2f} ({rows[10, path, 'time'] / 10:.2f} T), "
-              f"peak allocated {rows[10, path, 'peak MB']:.0f} MB")
-    print("\nE. The ragged path (tc; diffmoe at inference), width 1024, 8 experts: the loop against grouped_mm")
+        print(f"{path:>24}: time x {rows[10, path, 'time']:.2f} ({rows[10, path, 'time'] / 10:.2f} T)"
+              + (f", peak allocated {rows[10, path, 'peak MB']:.0f} MB" if (10, path, "peak MB") in rows else ""))
+    D = 64 if quick else 1024
+    print(f"\nE. The ragged path (tc; diffmoe at inference), width {D}, 8 experts: the loop against grouped_mm "
+          "(sharpmoe.Experts.ragged uses grouped_mm on a GPU in bf16)")
     for dtype in (torch.float32, torch.bfloat16):
         try:
-            diff, (loop_ms, grouped_ms) = ragged_paths(device, dtype)
+            diff, (loop_ms, grouped_ms) = ragged_paths(device, dtype, D=D, reps=reps)
             print(f"{str(dtype):>16}: relative difference {diff:.1e}; loop {loop_ms:.2f} ms, grouped_mm {grouped_ms:.2f} ms")
-        except RuntimeError as e:                               # grouped_mm's kernels want bf16 on some GPUs
+        except RuntimeError as e:                               # a dtype a device's grouped_mm refuses
             print(f"{str(dtype):>16}: grouped_mm failed ({str(e).splitlines()[0][:100]})")
-    print("\nF. torchrun, one GPU, nccl: train.py (3 steps) and sample.py (4 samples)")
+    print("\nF. Sampling, sample.py's default (bf16 autocast on a GPU) against fp32, 16 samples, 20 Euler steps, cfg 1.5")
+    for router in sm.ROUTERS:
+        diff, share = sampling_agreement(device, router, steps=4 if quick else 20)
+        print(f"{router:>16}: largest pixel difference {diff:.1e} (of [-1, 1]); uint8 pixels that differ {share:.1%}")
+    crop, workers = (64, 0) if quick else (256, 4)
+    print(f"\nG. The data loader: train.py's ImageFolder (JPEG decode, center crop to {crop}), {workers} workers")
+    ips = loader_throughput(images=16 if quick else 512, workers=workers, crop=crop)
+    print(f"    {ips:.0f} images/s per rank (a pixel-folder run is data-bound where training takes more; latents.py "
+          "removes the decode)")
+    if quick or not on_gpu:
+        return
+    print("\nH. torchrun with one rank on this GPU (a one-rank nccl group: DDP and its all-reduce run, nothing "
+          "crosses GPUs): train.py (3 steps) and sample.py (4 samples)")
     with tempfile.TemporaryDirectory() as tmp:
         run = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", *a],
                                         cwd=HERE, capture_output=True, text=True, timeout=300)
         r1 = run("train.py", "--preset", "tiny", "--steps", "3", "--global-batch-size", "8", "--builtin-size", "64",
                  "--log-every", "1", "--probe-images", "8", "--out", f"{tmp}/run")
-        r2 = run("sample.py", "--ckpt", f"{tmp}/run/last.pt", "--steps", "4", "--num-samples", "4", "--grid", "0")
+        r2 = run("sample.py", "--ckpt", f"{tmp}/run/last.pt", "--sample-steps", "4", "--num-samples", "4", "--grid", "0")
         for what, r in (("train.py", r1), ("sample.py", r2)):
             print(f"{what:>16}: {'ok' if r.returncode == 0 else 'FAILED: ' + r.stderr.strip().splitlines()[-1]}")
 
@@ -439,11 +587,12 @@ if __name__ == "__main__":
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (the median is reported)")
     p.add_argument("--batch", type=int, default=32, help="images per step for parts 2 and 3")
     p.add_argument("--gpu", action="store_true", help="run the GPU check instead")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU "
-                   "(default: known from its name)")
     args = p.parse_args()
     if args.gpu:
-        gpu_check(args)
+        if not torch.cuda.is_available():
+            print("bench.py --gpu: no GPU here (torch.cuda.is_available() is False); nothing to check")
+        else:
+            gpu_check(torch.device("cuda"))
         sys.exit(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -93,10 +93,13 @@ class Config:
     sharpmoe: bool = False        # the model has the saliency routers R_sal
     sal_hidden: int = 64          # R_sal hidden width (our choice)
     sal_position: bool = True     # R_sal's input: x0_hat's patch embedding + the position embedding (ours)
+    predict: str = "v"            # the network's output: "v" (the paper's, DiT's) or "x", see DiT.velocity
 
     def __post_init__(self):
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.predict not in ("v", "x"):
+            raise ValueError(f"unknown predict {self.predict!r}; choose v or x")
         if self.image_size % self.patch_size:
             raise ValueError(f"image size {self.image_size} is not divisible by patch size "
                              f"{self.patch_size}; pick an image size that is a multiple of it")
@@ -575,7 +578,17 @@ class DiT(nn.Module):
             h, a, route = block(h, c, x0_hat_emb)
             aux = aux + a
             routes += [route] if route is not None else []
-        return self.unpatchify(self.final_layer(h, c)), aux, routes
+        return self.velocity(self.unpatchify(self.final_layer(h, c)), x, t), aux, routes
+
+    def velocity(self, out, x, t, t_min=0.05):
+        """v from the network's output. predict "v": the output is v (the paper's). predict "x"
+        (ours, for pixel models at CPU scale): the output is the clean image, and v = (x_t - x) / t,
+        t clipped at t_min, as JiT (Li and He, 2025): a narrow network carries a smooth image far
+        better than the full-band noise that v holds (measured: pixel samples of noise-like
+        patches with "v")."""
+        if self.cfg.predict == "v":
+            return out
+        return (x - out) / t.clamp(min=t_min).view(-1, 1, 1, 1)
 
 
 def add_saliency_routers(model):

@@ -1,6 +1,7 @@
 """Tests of the scripts and helpers (train.py, sample.py, fid.py, latents.py, compare.py, data.py,
 common.py): CPU only, tiny configs, subprocesses for the command lines and torchrun."""
 import hashlib
+from copy import deepcopy
 import json
 import os
 import subprocess
@@ -767,20 +768,31 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
 # ----------------------------------------------------------------------------------------------
 # bench.py: the GPU check's parts run on the CPU; without a GPU the check says so
 
-def test_gpu_check_says_so_without_a_gpu_and_its_parts_run_on_the_cpu():
+def test_gpu_check_says_so_without_a_gpu_and_its_parts_run_on_the_cpu_in_bf16(capsys):
     r = subprocess.run([sys.executable, "bench.py", "--gpu"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().splitlines() == [
         "bench.py --gpu: no GPU here (torch.cuda.is_available() is False); nothing to check"]
     import bench
     cpu = torch.device("cpu")
-    for router, sharp in (("dense", False), ("tc", False), ("diffmoe", True)):
-        assert bench.agreement(cpu, router, sharp, torch.float32) == (0.0, 0.0)   # the same device: identical
-    diff, times = bench.ragged_paths(cpu, torch.float32, E=3, D=16, counts=torch.tensor([3, 0, 5]), reps=1)
-    assert diff < 1e-6 and len(times) == 2
-    images_per_s, mfu = bench.train_throughput(cpu, "tiny", "ec", batch=4, reps=1, peak=1.0)
-    assert images_per_s > 0 and 0 < mfu < 1
-    rows = bench.post_training_cost(cpu, 4, 1, preset="tiny", Ts=(2,))
-    assert {name for _, name, _ in [k for k in rows if isinstance(k, tuple)]} == {p for p, _, _ in bench.POST_PATHS}
+    bench.gpu_check(cpu, quick=True)                            # every part, bf16 where the GPU would use it
+    out = capsys.readouterr().out
+    assert all(f"\n{part}. " in out for part in "ABCDEFG")
+    for router, sharp in (("dense", False), ("diffmoe", True)):
+        assert bench.agreement(cpu, router, sharp, False) == (0.0, 0.0)   # fp32 against fp32 on one device
+        v, grad = bench.agreement(cpu, router, sharp, True)    # bf16 autocast really ran, and stays close
+        assert 1e-4 < v < 0.05 and 1e-4 < grad < 0.3
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", (9, 0), 132) == 989      # SXM, whatever its name says
+    assert bench.peak_tflops("NVIDIA H100 PCIe", (9, 0), 114) == 756
+    assert bench.peak_tflops("NVIDIA H100 NVL", (9, 0), 132) == 835
+    assert bench.peak_tflops("NVIDIA GeForce GTX 1080", (6, 1), 20) is None
+    mlp, x = sm.MLP(16, 64), torch.randn(3, 5, 16)              # MFU's numerator: counted FLOPs, by hand
+    assert bench.gflops(lambda: mlp(x)) * 1e9 == pytest.approx(2 * 15 * (16 * 64 + 64 * 16))
+    torch.manual_seed(0)
+    for router, design in (("ec", bench.OneHotEC), ("diffmoe", bench.GatherStackDiffMoE)):   # the peers' designs:
+        moe = sm.MoE(sm.Config(width=32, heads=4, router=router, num_experts=8)).train()  # the same layer
+        x = torch.randn(4, 16, 32)
+        ours, theirs = moe(x), design(deepcopy(moe))(x)
+        torch.testing.assert_close(ours[0], theirs[0]), torch.testing.assert_close(ours[1], theirs[1])
 
 
 # ----------------------------------------------------------------------------------------------
