@@ -201,7 +201,7 @@ def train_step(model, cfg, x, y, opt, T=1, scope=None, stepwise=False, bf16=None
     opt.step()
 
 
-def forward_backward(model, cfg, x, y):
+def ordinary_backward(model, cfg, x, y):
     """One ordinary forward and backward, no optimizer (for the memory count)."""
     sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], device=x.device))
 
@@ -255,7 +255,7 @@ def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 
     x, y = torch.randn(batch, ch, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
     ordinary = lambda: train_step(base_model, base_cfg, x, y, base_opt, bf16=bf16)
     rows = {"ordinary ms": timeit(ordinary, reps) * 1e3,
-            "ordinary MB": saved_bytes(lambda: forward_backward(base_model, base_cfg, x, y)) / 2**20}
+            "ordinary MB": saved_bytes(lambda: ordinary_backward(base_model, base_cfg, x, y)) / 2**20}
     for T in Ts:
         for name, scope, stepwise in POST_PATHS:
             step = lambda: train_step(model, cfg, x, y, opt, T, scope, stepwise, bf16)
@@ -337,7 +337,7 @@ def large_model_estimate(device, T=10, gpu_gb=80):
     cfg = sm.make_config("L", router="ec", image_size=32, in_channels=4, num_classes=1000)
     model = sm.DiT(cfg).to(device)                             # R_sal would add 0.3% parameters
     x, y = torch.randn(2, 4, 32, 32, device=device), torch.randint(0, 1000, (2,), device=device)
-    per_image = saved_bytes(lambda: forward_backward(model, cfg, x, y)) / 2
+    per_image = saved_bytes(lambda: ordinary_backward(model, cfg, x, y)) / 2
     params = sum(p.numel() for p in model.parameters())
     states = params * 4 * 5                                    # weights, gradients, 2 AdamW moments, EMA
     free = gpu_gb * 2**30 - states

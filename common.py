@@ -38,7 +38,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help keeps the docstring's lines and shows each flag's default."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in action.help:                   # (not `in`: 0 == False would hide a 0)
             return action.help
         return action.help + " (default: %(default)s)"
 

@@ -51,6 +51,7 @@ import sharpmoe as sm
 from common import (RECIPES, HelpFormatter, UserError, atomic, check_writable, hold_lock, load_checkpoint, load_model,
                     load_reference, noise_and_labels, run_cli, save_image, write_json, write_text)
 from data import DATA_FLAGS, data_flags, make_datasets, probe_batch, spread_batch
+from quality import load_classifier, model_quality
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COUNT = ["--routing-mass", "count", "--routing-scope", "step", "--saliency-target", "residual", "--routing-weight", "0.01"]
@@ -102,10 +103,23 @@ def snapshot(args, base, run, seed, steps):
     return os.path.join(args.out, base["router"], f"seed{seed}", run, f"step{steps}.pt")
 
 
-def train_to(args, base, run, flags, seed, steps):
+def run(cmd, what):
+    """A child process (train.py, classifier.py); Ctrl-C or SIGTERM (see main) stops it too."""
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except BaseException:                                      # no orphan writing on
+        proc.terminate()
+        proc.wait()
+        raise
+    if code:
+        raise UserError(f"{what} stopped (its log and the lines above say why); rerun this command to continue")
+
+
+def train_to(args, base, run_name, flags, seed, steps):
     """Snapshot OUT/ROUTER/seedS/RUN/stepN.pt of one run after `steps` steps: train.py continues
     the run (or starts it) up to there, then last.pt is copied."""
-    out = os.path.dirname(snapshot(args, base, run, seed, steps))
+    out = os.path.dirname(snapshot(args, base, run_name, seed, steps))
     snap, last = os.path.join(out, f"step{steps}.pt"), os.path.join(out, "last.pt")
     if os.path.exists(snap):
         return snap
@@ -113,22 +127,13 @@ def train_to(args, base, run, flags, seed, steps):
     if at > steps:
         raise UserError(f"{last} is at step {at}, past {steps}, and has no snapshot; delete {out} to rerun it")
     if at < steps:
-        print(f"\n== {base['router']} seed {seed}: {run}, steps {at} -> {steps}", flush=True)
+        print(f"\n== {base['router']} seed {seed}: {run_name}, steps {at} -> {steps}", flush=True)
         cmd = [sys.executable, os.path.join(HERE, "train.py"), "--recipe", args.recipe, "--init", base["path"],
                "--seed", str(seed), "--out", out, "--steps", str(steps), "--backward", args.backward,
-               "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every),
+               "--log-every", str(args.log_every), "--ckpt-every", str(args.log_every), "--probe-every", str(args.log_every),
                "--num-workers", str(args.num_workers), "--probe-images", str(args.probe_images),
                *base["data_flags"], *flags, *(["--resume", last] if at else [])]
-        proc = subprocess.Popen(cmd)
-        try:
-            code = proc.wait()
-        except BaseException:                                   # Ctrl-C, or SIGTERM (see main): no orphan
-            proc.terminate()
-            proc.wait()
-            raise
-        if code:
-            raise UserError(f"train.py stopped in {out} (its log.txt and the lines above say why); "
-                            "rerun this command to continue")
+        run(cmd, f"train.py in {out}")
     with atomic(snap) as tmp:
         shutil.copyfile(last, tmp)
     return snap
@@ -141,13 +146,17 @@ class Views:
     """The fixed inputs of the three views for one base's data, the same for every checkpoint:
     held-out images and noise; rollout noise and labels; the reference's states and images."""
 
-    def __init__(self, args, base_args, cfg):
+    def __init__(self, args, base_args, cfg, classifier=None):
         train_set, held_out = make_datasets(**data_flags(base_args))
         self.x0, self.y, self.eps = probe_batch(held_out, args.eval_images)
         x0, y = spread_batch(train_set, 128)                   # DiffMoE's compute calibration
         self.calibration = (x0, y, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
         self.noise, self.labels = noise_and_labels(range(args.rollout_images), cfg, seed=0)
         self.steps, self.cfg_scale, self.reference = args.sample_steps, args.cfg_scale, None
+        self.classifier = None                                  # (the sample-quality measure)
+        if classifier:
+            clf, clf_ckpt = load_classifier(classifier)
+            self.classifier = (clf, clf_ckpt, args.quality_samples, args.sample_steps)
         if args.reference:
             ref = load_reference(args.reference, cfg, args.weights)
             if data_flags(load_checkpoint(args.reference)["args"]) != data_flags(base_args):
@@ -212,9 +221,9 @@ def measured(args, views, ckpt, oracle=False):
     """views.measure of a checkpoint, cached beside it as .json (delete the file to measure again)."""
     cache = os.path.splitext(ckpt)[0] + ".json"
     key = dict(eval_images=args.eval_images, rollout_images=args.rollout_images, sample_steps=args.sample_steps,
-               cfg_scale=args.cfg_scale,
-               weights=args.weights, reference=os.path.abspath(args.reference) if args.reference else None,
-               compute=args.compute)
+               cfg_scale=args.cfg_scale, weights=args.weights, compute=args.compute,
+               reference=os.path.abspath(args.reference) if args.reference else None,
+               quality=[args.quality_samples, views.classifier and views.classifier[1]["accuracy"]])
     if os.path.exists(cache):
         with open(cache) as f:
             saved = json.load(f)
@@ -224,17 +233,55 @@ def measured(args, views, ckpt, oracle=False):
     if model.cfg.router == "diffmoe" and args.compute:
         views.calibrate(model, args.compute, oracle)
     result = views.measure(model, oracle)
+    if views.classifier and not oracle:                        # (an oracle samples without its x0)
+        result["quality"] = {str(s): quality_without_images(model, views, s) for s in QUALITY_CFG}
     write_json(cache, dict(key=key, views=result))
     return result
 
 
+QUALITY_CFG = (1.0, 1.5)   # the paper's two guidance scales
+
+
+def quality_without_images(model, views, cfg_scale, seed=0):
+    """quality.model_quality of the checkpoint (accuracy, Fréchet distance, floor)."""
+    clf, clf_ckpt, n, steps = views.classifier
+    q = model_quality(model, clf, clf_ckpt, n=n, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    q.pop("images")
+    return q
+
+
+def seed1_quality(args, views, path):
+    """The base's quality at cfg 1.5 under another noise seed (the seed-to-seed part of the floor)."""
+    cache = os.path.splitext(path)[0] + ".quality-seed1.json"
+    key = [args.quality_samples, args.sample_steps, views.classifier[1]["accuracy"], args.weights]
+    if os.path.exists(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["quality"]
+    model, _ = load_model(path, args.weights)
+    if model.cfg.router == "diffmoe" and args.compute:
+        views.calibrate(model, args.compute)
+    q = quality_without_images(model, views, 1.5, seed=1)
+    write_json(cache, dict(key=key, quality=q))
+    return q
+
+
+def classifier_for(args, base):
+    """The sample-quality classifier of a base's data: --classifier, or OUT/classifier/ trained
+    once by classifier.py on the base's data flags."""
+    path = args.classifier or os.path.join(args.out, "classifier", "classifier.pt")
+    if not os.path.exists(path):
+        if args.classifier:
+            raise UserError(f"--classifier {path} does not exist; train one with python classifier.py")
+        print(f"\n== the sample-quality classifier: {path}", flush=True)
+        run([sys.executable, os.path.join(HERE, "classifier.py"), "--out", os.path.dirname(path), *base["data_flags"]],
+            "classifier.py")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables and figures
-
-def at_show_t(ts):
-    """Indices of the steps of ts nearest to sm.SHOW_T."""
-    return [int(np.abs(np.array(ts) - t).argmin()) for t in sm.SHOW_T]
-
 
 def early(view, key="corr_pos"):
     """A view's mean over its early steps (t >= sm.EARLY)."""
@@ -290,6 +337,7 @@ def tables(results, base, args):
                 lines.append(f"| {b} | {name} | " + " | ".join(cell(get(name, b, v, early), "+.3f") for v in views)
                              + f" | {cell(get(name, b, 'noised', mean_of('loss')), '.4f')}"
                              + f" | {cell(get(name, b, 'noised', mean_of('compute')), '.2f')} |")
+    lines += quality_table(results, names, budgets, get, args)
     gaps = []
     for b in budgets:
         for v in ("noised", "reference"):                       # (the oracle has no own rollout)
@@ -311,7 +359,7 @@ def tables(results, base, args):
             if not rows:
                 continue
             ts = rows[0][1][0][v]["t"]
-            cols = at_show_t(ts)
+            cols = sm.show_steps(ts)
             for key, title, f in (("corr", "raw rank correlation", "+.2f"),
                                   ("corr_pos", "position-controlled correlation", "+.2f"),
                                   ("compute", "experts per token per MoE layer", ".2f")):
@@ -326,7 +374,7 @@ def tables(results, base, args):
                                                          for c in cols) + " |")
         rows = [(n, results["runs"][n][b]) for n in names if b in results["runs"][n]]
         ts = pre["noised"]["t"]
-        cols = at_show_t(ts)
+        cols = sm.show_steps(ts)
         lines += ["", f"### {b} steps, noised view: held-out flow-matching loss", "",
                   "| run | " + " | ".join(f"t={ts[c]:.3g}" for c in cols) + " |", "|---|" + "---|" * len(cols),
                   "| pretrained | " + " | ".join(f"{pre['noised']['loss'][c]:.3f}" for c in cols) + " |"]
@@ -340,6 +388,34 @@ def tables(results, base, args):
             lines.append(f"| {n} | " + " | ".join(cell(over_seeds(seeds, lambda r: r["noised"]["quintiles"][q]), ".2f")
                                                  for q in range(5)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def quality_table(results, names, budgets, get, args):
+    """Markdown lines: sample quality per run (classifier accuracy, Fréchet distance), with the
+    floor (real against real at the same count) and the base at a second noise seed."""
+    pre = results["pretrained"].get("quality")
+    if not pre:
+        return []
+    cols = [(k, c) for c in QUALITY_CFG[::-1] for k in ("accuracy", "fd")]
+    seed1 = results.get("pretrained_seed1_quality")
+    lines = ["", f"## Sample quality: {pre['1.5']['n']} samples per checkpoint and guidance scale, {args.sample_steps} "
+             "Euler steps, labels i % classes", "",
+             f"The classifier's accuracy on the samples' labels (real held-out images: "
+             f"{results.get('classifier_accuracy', float('nan')):.3f}) and the Fréchet distance in its features to "
+             f"held-out images. Floor: {pre['1.5']['floor']:.3f} for as many other real images"
+             + (f"; the pretrained model at another noise seed: {seed1['fd']:.3f} (FD), {seed1['accuracy']:.3f} "
+                f"(accuracy) against {pre['1.5']['fd']:.3f}, {pre['1.5']['accuracy']:.3f}" if seed1 else "") + ".", "",
+             "| budget | run | " + " | ".join(f"{'accuracy' if k == 'accuracy' else 'FD'}, cfg {c:g}" for k, c in cols)
+             + " |", "|---|---|" + "---|" * len(cols),
+             "| 0 | pretrained | " + " | ".join(format(pre[str(c)][k], ".3f" if k == "accuracy" else ".2f") for k, c in cols)
+             + " |"]
+    for b in budgets:
+        for name in names:
+            if b in results["runs"][name]:
+                lines.append(f"| {b} | {name} | " + " | ".join(
+                    cell(get(name, b, "quality", lambda r, k=k, c=c: r[str(c)][k]), ".3f" if k == "accuracy" else ".2f")
+                    for k, c in cols) + " |")
+    return lines
 
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -466,8 +542,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/compare", help="folder of the runs and their measurements")
     p.add_argument("--results", default="results", help="folder of the tables and figures (ROUTER.md, .json, .png)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="cpu", help="train.py's --recipe for every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="post-training seeds (two or more)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[150, 600, 2400], help="post-training steps measured")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="post-training seeds (a claim needs two or more)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[150, 600], help="post-training steps measured")
     p.add_argument("--settings", nargs="+", default=None, help="run only these settings (default: all)")
     p.add_argument("--sweep", action="store_true", help="add the lambda / scope / target sweep at the first budget")
     p.add_argument("--backward", choices=("unrolled", "stepwise"), default="unrolled",
@@ -484,6 +560,11 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=150, help="train.py's log and checkpoint interval")
     p.add_argument("--probe-images", type=int, default=256, help="held-out images of each run's logged probe")
     p.add_argument("--measure-only", action="store_true", help="train nothing: measure the snapshots there are")
+    p.add_argument("--quality-samples", type=int, default=1000, help="samples per checkpoint and guidance scale (1.0, "
+                   "1.5) for the sample quality: the classifier's accuracy on their labels and the Fréchet distance "
+                   "in its features (0: none)")
+    p.add_argument("--classifier", default=None, help="classifier.py's checkpoint for the quality (default: "
+                   "OUT/classifier/, trained once on the base's data)")
     p.add_argument("--compute", type=float, default=1.0, help="DiffMoE: calibrate every checkpoint's thresholds to "
                    "this many experts per token per MoE layer (matched compute; the paper's activated parameters: "
                    "1); 0: as trained")
@@ -522,18 +603,22 @@ def compare(args):
     runs = settings(args)
     # 1. train, the small budgets first
     if not args.measure_only:
-        for b, run, flags, steps in schedule(args, runs):
+        for b, run_name, flags, steps in schedule(args, runs):
             for seed in args.seeds:
                 for base in args.bases:
-                    train_to(args, base, run, flags, seed, steps)
+                    train_to(args, base, run_name, flags, seed, steps)
     # 2. measure every snapshot there is, 3. the tables and figures
     out = {}
     for base in args.bases:
-        views = Views(args, base["args"], base["config"])
+        clf = classifier_for(args, base) if args.quality_samples else None
+        views = Views(args, base["args"], base["config"], clf)
         results = dict(command=command, pretrained=measured(args, views, base["path"]), runs={})
-        for name, run, _, factor, last in runs:
+        if clf:                                                 # the floor's second half: another noise seed
+            results["pretrained_seed1_quality"] = seed1_quality(args, views, base["path"])
+            results["classifier_accuracy"] = views.classifier[1]["accuracy"]
+        for name, run_name, _, factor, last in runs:
             for b in args.budgets:
-                snaps = [snapshot(args, base, run, s, b * factor) for s in args.seeds]
+                snaps = [snapshot(args, base, run_name, s, b * factor) for s in args.seeds]
                 if b <= last and all(os.path.exists(s) for s in snaps):
                     results["runs"].setdefault(name, {})[b] = [measured(args, views, s, "oracle" in name) for s in snaps]
         prefix = os.path.join(args.results, base["router"])

@@ -54,11 +54,6 @@ VIEWS = {"noised": "held-out images noised along one trajectory",
          "reference": "a dense model's rollout, routed by this model, against the dense model's images"}
 
 
-def nearest_steps(ts):
-    """Indices of the steps of ts (K,) nearest to sm.SHOW_T (the steps reports show), each once."""
-    return list(dict.fromkeys(int((ts - t).abs().argmin()) for t in sm.SHOW_T))
-
-
 def colormap(a):
     """(h, w) in [0, 1] -> (h, w, 3) uint8, dark blue -> teal -> yellow."""
     anchors = np.array([[20, 20, 60], [30, 120, 140], [120, 200, 90], [250, 230, 40]], np.float32)
@@ -75,7 +70,7 @@ def report_figure(images, saliency, counts, ts, path, max_count, first="sample",
     per image."""
     B, N = saliency.shape
     g, H = int(N ** 0.5), max(128, images.shape[1])             # tiles of at least 128 pixels
-    picks = nearest_steps(ts)
+    picks = sm.show_steps(ts)
     titles = [first, "saliency"] + [f"experts, t={float(ts[p]):.2f}" for p in picks]
     font = ImageFont.load_default(size=14)
     top, bar = 24, 40                                           # title row; colour bar below the rows
@@ -106,7 +101,7 @@ def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     saliency = sm.laplacian_saliency(x.float().cpu(), model.cfg.patch_size)
     counts = counts.cpu()
     r = sm.count_saliency(counts, saliency)
-    shown_steps = nearest_steps(ts)
+    shown_steps = sm.show_steps(ts)
     report = dict(
         what=name, checkpoint=ckpt, router=model.cfg.router, sharpmoe=model.cfg.sharpmoe, images=int(x.shape[0]),
         moe_layers=n_moe, t=[round(float(t), 4) for t in ts],
@@ -123,7 +118,7 @@ def routing_report(model, x, shown, counts, ts, out, name, ckpt):
     for (k, v), i in zip(report["count_by_saliency_quintile"].items(), shown_steps):
         print(f"{k:>8}  " + "  ".join(f"{c:6.3f}" for c in v) + f"  {float(r['corr'][i]):+.2f} {float(r['corr_pos'][i]):+.2f}")
     write_json(os.path.join(out, f"report_{name}.json"), report, indent=1)
-    report_figure(shown, saliency, counts, ts, os.path.join(out, f"report_{name}.png"),
+    report_figure(shown, saliency, counts, ts, path=os.path.join(out, f"report_{name}.png"),
                   max_count=4 * n_moe * model.cfg.top_k, first="image" if name == "noised" else "sample")
     print(f"wrote {out}/report_{name}.json and {out}/report_{name}.png")
     return report
@@ -189,7 +184,7 @@ def report(args, model, train_args, reference, pixels, oracle, device):
                             f"the model: {cfg.num_classes}, {(cfg.in_channels, cfg.image_size, cfg.image_size)})")
         ts = torch.linspace(1, 0, args.sample_steps + 1)[:-1]   # the sampler's steps
         counts = sm.routing_probe(model, x0, y, eps, ts.tolist(), oracle=oracle)["counts"]
-        return routing_report(model, x0, pixels(x0), counts, ts, args.out, "noised", args.ckpt)
+        return routing_report(model, x0, pixels(x0), counts, ts, out=args.out, name="noised", ckpt=args.ckpt)
     noise, y = noise_and_labels(range(args.report_images), cfg, args.seed)
     noise, y = noise.to(device), y.to(device)
     if args.report == "reference":                              # a dense model's rollout, routed by this one
@@ -197,7 +192,7 @@ def report(args, model, train_args, reference, pixels, oracle, device):
         counts = sm.routing_along(model, states, ts, y, args.cfg_scale, x if oracle else None)
     else:                                                       # along the model's own rollout
         x, ts, counts, _ = sm.rollout_routing(model, noise, y, args.sample_steps, args.cfg_scale)
-    return routing_report(model, x, pixels(x), counts, ts.cpu(), args.out, args.report, args.ckpt)
+    return routing_report(model, x, pixels(x), counts, ts.cpu(), out=args.out, name=args.report, ckpt=args.ckpt)
 
 
 def write_samples(args, model, pixels, rank, world, device):

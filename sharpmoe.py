@@ -14,13 +14,15 @@ The paper, part by part, and where it lives here (top to bottom):
                                                                       update_thresholds, threshold_choice
   Part 1, dual router: S = R_pre(h_t) + R_sal(features of x0_hat)     MoE.forward, SaliencyRouter,
                                                                       DiT.forward, add_saliency_routers
-  Part 2, recursive trajectory: T steps of one trajectory, x0_hat     trajectory_timesteps, unroll
-    chained (stop-gradient), t_1 = 0.999
+  Part 2, recursive trajectory: T steps of one trajectory, x0_hat     trajectory_timesteps, unroll,
+    chained (stop-gradient), t_1 = 0.999                              trajectory_terms
   Part 3, trajectory routing loss:
     saliency M = AvgPool_patch(|Laplacian(x0)|)                        laplacian_saliency
-    routed mass A_i = sum_k,l,e 1[i selected by e] gate(i, e)          routed_mass
-    L_routing = KL(softmax(A) || softmax(M))                          routing_loss
-    L = L_fm + lambda L_routing over the trajectory                   trajectory_loss
+    routed mass A_i = sum_l,e 1[i selected by e] gate(i, e), one step  routed_mass
+    L_routing = KL(softmax(sum_k A_k) || softmax(M))                  routing_loss, routing_term
+    L = L_fm + lambda L_routing over the trajectory                   trajectory_loss (stepwise:
+                                                                      trajectory_backward_stepwise)
+  One training iteration (what train.py calls)                        forward_backward
   Sampler: Euler, t = 1 -> 0, CFG, x0_hat carried into R_sal          euler_steps, guided_velocity
   The key figure: expert count against saliency per denoising step   routing_probe (noised view),
                                                                       rollout_routing (rollout view),
@@ -163,7 +165,8 @@ def sincos_1d(pos, dim):
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2D sin-cos position embedding, (grid*grid, dim), as in DiT / MAE."""
+    """Fixed 2D sin-cos position embedding, (grid*grid, dim): DiT's / MAE's, with its two halves
+    in the other order (here the row's half first; a permutation of the dims, no other change)."""
     ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.cat([sincos_1d(ys.flatten(), dim // 2), sincos_1d(xs.flatten(), dim // 2)], 1).float()
 
@@ -225,10 +228,10 @@ class MLP(nn.Module):
 # Routers and experts
 #
 # Every router turns gates (B*N, E), a softmax over experts for each of the batch's B*N tokens,
-# into a selection mask (B*N, E). Fixed capacity (ec; diffmoe in training) also gives `slots`
-# (E, C): the token indices each expert processes, so that all experts run as one batched matmul.
-# Variable counts (tc; diffmoe at inference) sort the tokens by expert and run one matmul pair
-# per expert.
+# into a selection mask (B*N, E). Fixed capacity (ec; diffmoe in training) also gives `slots`:
+# the token indices each expert processes ((E, B*C) for ec, C per image; (E, C) for diffmoe's
+# batch pool), so that all experts run as one batched matmul. Variable counts (tc; diffmoe at
+# inference) sort the (token, expert) pairs by expert (Experts.ragged).
 
 def expert_choice_in_image(gates, B, capacity):
     """EC-DiT: each expert takes its top-`capacity` tokens of each image. gates: (B*N, E)."""
@@ -323,6 +326,8 @@ class SaliencyRouter(nn.Module):
     def __init__(self, dim, hidden, E):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, E)
+        nn.init.xavier_uniform_(self.fc1.weight)                # as DiT's Linears, on both paths
+        nn.init.zeros_(self.fc1.bias)                           # (add_saliency_routers, DiT(cfg))
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
@@ -622,16 +627,6 @@ class Draw(NamedTuple):
         return Draw(self.ts[:, idx], self.eps[idx], self.drop[idx])
 
 
-def trajectory_timesteps(T, B, generator=None, device="cpu"):
-    """(T, B) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
-    bins of [0, 0.999) from the top (our choice; the paper gives only t_1)."""
-    t1 = 0.999
-    width = t1 / (T - 1)
-    top = t1 - width * torch.arange(T - 1, device=device)       # upper edge of each bin
-    rest = top[:, None] - width * torch.rand(T - 1, B, generator=generator, device=device)
-    return torch.cat([torch.full((1, B), t1, device=device), rest], 0)
-
-
 def draw_training(cfg, B, T=1, generator=None, device="cpu"):
     """The Draw of one iteration for B images: T = 1, one uniform t per image (pretraining, the
     controls); T > 1, one SharpMoE trajectory per image."""
@@ -667,6 +662,16 @@ def flow_loss(model, cfg, x0, y, draw):
 
 # ----------------------------------------------------------------------------------------------
 # SharpMoE part 2: the recursive trajectory
+
+def trajectory_timesteps(T, B, generator=None, device="cpu"):
+    """(T, B) descending timesteps: t_1 = 0.999, then one uniform draw in each of T - 1 equal
+    bins of [0, 0.999) from the top (our choice; the paper gives only t_1)."""
+    t1 = 0.999
+    width = t1 / (T - 1)
+    top = t1 - width * torch.arange(T - 1, device=device)       # upper edge of each bin
+    rest = top[:, None] - width * torch.rand(T - 1, B, generator=generator, device=device)
+    return torch.cat([torch.full((1, B), t1, device=device), rest], 0)
+
 
 def unroll(model, xs, ts, y, oracle_x0=None):
     """Run the model along the states xs[k] (B, C, H, W) at times ts[k] (B,), k = 1..T,
@@ -772,6 +777,14 @@ def saliency_target(x0, cfg, opts):
     return M if opts.saliency_mean is None else M - opts.saliency_mean
 
 
+def routing_term(As, M, opts):
+    """L_routing of a trajectory's routed masses As (T of (B, N)) against M (B, N): one KL on
+    their sum (scope "trajectory", the paper's) or the mean of one KL per step ("step", ours)."""
+    if opts.scope == "trajectory":
+        return routing_loss(sum(As), M, opts.temp)
+    return sum(routing_loss(A, M, opts.temp) for A in As) / len(As)
+
+
 def trajectory_loss(model, cfg, x0, y, draw, opts):
     """SharpMoE post-training: L = L_fm + lambda L_routing, L_fm the mean flow-matching loss over
     the T steps of one trajectory per image (draw: T > 1), L_routing the KL between the routed
@@ -780,13 +793,7 @@ def trajectory_loss(model, cfg, x0, y, draw, opts):
     T = draw.ts.shape[0]
     fm, aux, As, counts = zip(*trajectory_terms(model, cfg, x0, y, draw, opts))
     L_fm = sum(f / T for f in fm)
-    M = saliency_target(x0, cfg, opts)
-    if As[0] is None:
-        L_routing = L_fm * 0
-    elif opts.scope == "trajectory":
-        L_routing = routing_loss(sum(As), M, opts.temp)
-    else:
-        L_routing = sum(routing_loss(A, M, opts.temp) for A in As) / T
+    L_routing = L_fm * 0 if As[0] is None else routing_term(As, saliency_target(x0, cfg, opts), opts)
     stats = dict(fm=L_fm.detach(), routing=L_routing.detach(), counts=torch.stack(counts))
     return L_fm + opts.lam * L_routing, sum(a / T for a in aux), stats
 
@@ -935,6 +942,12 @@ SHOW_T = (0.999, 0.95, 0.8, 0.5, 0.2, 0.05)                    # the steps that 
 EARLY = 0.8                                                     # "early steps": t >= 0.8
 
 
+def show_steps(ts):
+    """Indices of the steps of ts (K,) nearest to SHOW_T, each once: the steps tables show."""
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    return list(dict.fromkeys(int((ts - t).abs().argmin()) for t in SHOW_T))
+
+
 @torch.no_grad()
 def routing_probe(model, x0, y, eps, ts=PROBE_T, oracle=False):
     """The noised view, on fixed images x0 (held out from training), labels y and noise eps:
@@ -1010,7 +1023,7 @@ def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcon
         with torch.inference_mode(), autocast():
             A = sum(A_k for _, _, A_k, _ in trajectory_terms(model, cfg, x0, y, draw, opts))
         A = A.clone().requires_grad_(True)                      # (out of inference mode)
-        L_routing = routing_loss(A, M, opts.temp)
+        L_routing = routing_term([A], M, opts)
         g, = torch.autograd.grad(L_routing, A)                  # (B, N)
     fm_sum, aux_sum, step_losses, counts = 0.0, 0.0, 0.0, []
     steps = trajectory_terms(model, cfg, x0, y, draw, opts)
@@ -1022,8 +1035,8 @@ def trajectory_backward_stepwise(model, cfg, x0, y, draw, opts, autocast=nullcon
                 loss = fm + aux / T
                 if coupled:
                     loss = loss + opts.lam * (g * A_k).sum()
-                elif A_k is not None:
-                    L_k = routing_loss(A_k, M, opts.temp) / T
+                elif A_k is not None:                           # scope "step": its own term
+                    L_k = routing_term([A_k], M, opts) / T
                     loss, step_losses = loss + opts.lam * L_k, step_losses + L_k.detach()
             loss.backward()
         fm_sum, aux_sum = fm_sum + fm.detach(), aux_sum + torch.as_tensor(aux, device=x0.device).detach() / T

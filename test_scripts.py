@@ -730,10 +730,14 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     import compare
     train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
     train.main(train_args(tmp_path / "dense", "--router", "dense", "--steps", "2"))
+    import classifier
+    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1",
+                                           "--ref-images", "16"]))
     argv = ["--init", str(tmp_path / "pre" / "last.pt"), "--reference", str(tmp_path / "dense" / "last.pt"),
             "--out", str(tmp_path / "cmp"), "--results", str(tmp_path / "res"), "--budgets", "2", "1", "--seeds", "0",
             "--settings", "paper", "control-steps", "control-compute", "count-oracle", "--num-workers", "0", "--eval-images", "8",
-            "--rollout-images", "4", "--sample-steps", "3", "--builtin-size", "64", "--probe-images", "8", "--log-every", "1"]
+            "--rollout-images", "4", "--sample-steps", "3", "--builtin-size", "64", "--probe-images", "8", "--log-every", "1",
+            "--quality-samples", "4", "--classifier", str(tmp_path / "clf" / "classifier.pt")]
     results = compare.main(compare.parse_args(argv))["ec"]
     run = lambda name, steps: torch.load(tmp_path / "cmp" / "ec" / "seed0" / name / f"step{steps}.pt", weights_only=True)
     assert run("control", 4)["step"] == 4 and run("control", 8)["step"] == 8   # control-compute: T = 4 times the budget
@@ -741,11 +745,15 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     log = open(tmp_path / "cmp" / "ec" / "seed0" / "paper" / "log.txt").read()
     assert "RESUMED" in log and "step 1 of 2" in log            # budget 2 continued the budget-1 run
     paper, oracle = results["runs"]["paper"][2][0], results["runs"]["count-oracle"][1][0]
-    assert set(paper) == {"noised", "rollout", "reference"} and len(paper["rollout"]["t"]) == 3
-    assert set(oracle) == {"noised", "reference"}               # an oracle has no rollout of its own
+    assert set(paper) == {"noised", "rollout", "reference", "quality"} and len(paper["rollout"]["t"]) == 3
+    assert set(oracle) == {"noised", "reference"}               # an oracle has no rollout (nor samples) of its own
+    assert set(paper["quality"]) == {"1.0", "1.5"} and paper["quality"]["1.5"]["n"] == 4
+    assert "rollout" in paper and len(paper["noised"]["compute"]) == len(sm.PROBE_T)   # experts per token per t
     assert len(paper["noised"]["corr_pos"]) == len(sm.PROBE_T) and len(paper["noised"]["quintiles"]) == 5
     table = open(tmp_path / "res" / "ec.md").read()
     assert "| 2 | paper |" in table and "### 1 steps, reference view: position-controlled correlation" in table
+    accuracy, fd = paper["quality"]["1.5"]["accuracy"], paper["quality"]["1.5"]["fd"]
+    assert f"| 2 | paper | {accuracy:.3f} | {fd:.2f} |" in table   # the quality table: cfg 1.5 first
     assert Image.open(tmp_path / "res" / "ec_budget.png").size[0] > 4 * 300
     claim = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
              for line in open(tmp_path / "res" / "claim.md").read().splitlines() if line.startswith("| ec ")}
@@ -753,7 +761,7 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     assert claim[("ec 2", "early, rollout")][cols.index("paper")] == f"{compare.early(paper['rollout']):+.2f}"
     assert claim[("ec 1", "held-out loss")][cols.index("count-oracle")] == f"{np.mean(oracle['noised']['loss']):.4f}"
     assert claim[("ec 1", "early, noised")][cols.index("count")] == "-"   # a setting that did not run
-    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(compare.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(compare.Views, "measure", lambda *a, **k: pytest.fail("a snapshot was measured again"))
     again = compare.main(compare.parse_args(argv))["ec"]
     assert again["runs"]["paper"][2] == results["runs"]["paper"][2]   # measured once, cached

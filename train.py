@@ -321,9 +321,8 @@ class Meter:
         self.bad_step = torch.where(finite | (self.bad_step > 0), self.bad_step, step)
         row = dict(loss_fm=stats["fm"].float(), aux=stats["aux"].float(), loss_routing=stats["routing"].float(),
                    n=torch.ones((), device=self.device))
-        if stats["counts"] is not None:                        # (T, B, N)
-            saliency = sm.laplacian_saliency(x0.float(), patch_size)
-            row["corr"] = torch.stack([sm.rank_correlation(c, saliency).mean() for c in stats["counts"]]).mean()
+        if stats["counts"] is not None:                        # (T, B, N): the mean over steps
+            row["corr"] = sm.count_saliency(stats["counts"], sm.laplacian_saliency(x0, patch_size))["corr"].mean()
         self.sums = {k: self.sums.get(k, 0) + v for k, v in row.items()}
         self.images += x0.shape[0]
 
@@ -448,7 +447,7 @@ def train(args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     log, record = open_log(args.out, rank), run_record(args, data, held_out, world)
-    for line in [header(args, raw, opts, data, world, device, step, ckpt), *notes]:
+    for line in [header(args, raw, opts, data, world=world, device=device, step=step, ckpt=ckpt), *notes]:
         log(line)
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     probe = None
@@ -514,7 +513,8 @@ def parse_args(argv=None):
     # the model (pretraining only: a model from --init keeps its own)
     add("--preset", default=None, help=f"model size, one of {', '.join(sm.PRESETS)} (recipe: {recipe('preset')})")
     add("--router", default=None, help=f"one of {', '.join(sm.ROUTERS)} (default: ec)")
-    add("--num-experts", type=int, default=None, help="experts per MoE layer (default 0: 16 for diffmoe, 8 otherwise)")
+    add("--num-experts", type=int, default=None, help="experts per MoE layer (default 0: 16 for diffmoe, 8 for tc "
+        "and ec)")
     add("--top-k", type=int, default=None, help="experts per token on average (default: 1, the paper's)")
     add("--moe-every", type=int, default=None, help="an MoE layer in every n-th block (default: 2, the paper's)")
     add("--class-dropout", type=float, default=None, help="label dropout for CFG (default: 0.1)")
