@@ -9,6 +9,8 @@ tables and figures that README links to.
 For each base (--init), seed and post-training budget B (--budgets), with train.py --recipe cpu:
   control-steps     ordinary training for B steps                          (--sharpmoe off)
   control-compute   ordinary training for T B steps: the same compute      (--sharpmoe off)
+  dual-only         SharpMoE's dual router and trajectories, no routing loss (lambda 0; the
+                    paper's ablation, and its whole method for TC, whose counts are all equal)
   paper             SharpMoE, the paper's loss: gate mass, one KL on the trajectory sum, lambda 0.001
   count             SharpMoE, ours: soft-count mass, one KL per step, M less the data's mean
                     saliency per position, lambda 0.01 (the best of the --sweep on EC at 150 steps: the
@@ -17,8 +19,8 @@ For each base (--init), seed and post-training budget B (--budgets), with train.
   count-oracle      `count` with R_sal given the true x0 in training and measurement: what R_sal can
                     learn to route by at this budget, the bound for x0_hat (not a method)
   count-nopos       `count` with R_sal reading x0_hat without the position embedding (budgets <= 600)
---sweep adds, at the first budget: dual-only (lambda 0), the paper's loss at lambda 0.1, and the
-count-aware mass over scope, target and lambda. Each setting is one run per seed that continues
+A TC base runs the controls and dual-only. --sweep adds, at the first budget: the paper's loss at
+lambda 0.1, and the count-aware mass over scope, target and lambda. Each setting is one run per seed that continues
 from budget to budget (snapshots OUT/ROUTER/seedS/RUN/stepN.pt; the two controls are one run,
 taken at B and T B steps; budgets run in ascending order, so the small ones finish first).
 Rerunning skips what exists and resumes what was killed.
@@ -65,13 +67,13 @@ def settings(args):
     T, last, first = args.trajectory_steps, args.budgets[-1], args.budgets[0]
     control = ["--sharpmoe", "off"]
     rows = [("control-steps", "control", control, 1, last), ("control-compute", "control", control, T, last),
+            ("dual-only", "dual-only", ["--routing-weight", "0"], 1, last),
             ("paper", "paper", [], 1, last), ("count", "count", COUNT, 1, last),
             ("count-oracle", "count-oracle", COUNT + ["--oracle"], 1, last),
             ("count-nopos", "count-nopos", COUNT + ["--sal-position", "off"], 1,
              max([first] + [b for b in args.budgets if b <= 600]))]
     if args.sweep:
-        rows += [("dual-only", "dual-only", ["--routing-weight", "0"], 1, first),
-                 ("paper-lambda-0.1", "paper-lambda-0.1", ["--routing-weight", "0.1"], 1, first)]
+        rows += [("paper-lambda-0.1", "paper-lambda-0.1", ["--routing-weight", "0.1"], 1, first)]
         for scope, target in (("trajectory", "raw"), ("step", "raw"), ("step", "residual")):
             for lam in ("0.001", "0.01", "0.1"):
                 name = f"count-{scope}{'-residual' if target == 'residual' else ''}-{lam}"
@@ -500,7 +502,8 @@ def figures(results, base, args, prefix):
          "the oracle's loss left out: not comparable)", order)
 
 
-CLAIM_RUNS = ("control-steps", "control-compute", "paper", "count", "count-nopos", "count-oracle")
+CLAIM_RUNS = ("control-steps", "control-compute", "dual-only", "paper", "count", "count-nopos", "count-oracle")
+TC_RUNS = ("control-steps", "control-compute", "dual-only")   # TC: counts all equal, no routing loss (the paper)
 
 
 def claim(folder):
@@ -537,7 +540,7 @@ def claim(folder):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--init", nargs="+", required=True, help="pretrained ec / diffmoe checkpoints (no R_sal), one per router")
+    p.add_argument("--init", nargs="+", required=True, help="pretrained tc / ec / diffmoe checkpoints (no R_sal), one per router")
     p.add_argument("--reference", default=None, help="a dense model trained on the same data, for the reference view")
     p.add_argument("--out", default="runs/compare", help="folder of the runs and their measurements")
     p.add_argument("--results", default="results", help="folder of the tables and figures (ROUTER.md, .json, .png)")
@@ -578,8 +581,8 @@ def parse_args(argv=None):
     for path in args.init:
         ckpt = load_checkpoint(path)
         router = ckpt["config"]["router"]
-        if ckpt["config"]["sharpmoe"] or router not in sm.POOL_DIMS:
-            raise UserError(f"--init {path} must be a pretrained ec or diffmoe model without R_sal")
+        if ckpt["config"]["sharpmoe"] or router == "dense":
+            raise UserError(f"--init {path} must be a pretrained tc, ec or diffmoe model without R_sal")
         if router in [b["router"] for b in args.bases]:
             raise UserError(f"--init has two {router} models; give one per router")
         a = dict(ckpt["args"], **({"builtin_size": args.builtin_size} if args.builtin_size else {}))
@@ -606,7 +609,8 @@ def compare(args):
         for b, run_name, flags, steps in schedule(args, runs):
             for seed in args.seeds:
                 for base in args.bases:
-                    train_to(args, base, run_name, flags, seed, steps)
+                    if base["router"] != "tc" or run_name in ("control", "dual-only"):
+                        train_to(args, base, run_name, flags, seed, steps)
     # 2. measure every snapshot there is, 3. the tables and figures
     out = {}
     for base in args.bases:
@@ -617,6 +621,8 @@ def compare(args):
             results["pretrained_seed1_quality"] = seed1_quality(args, views, base["path"])
             results["classifier_accuracy"] = views.classifier[1]["accuracy"]
         for name, run_name, _, factor, last in runs:
+            if base["router"] == "tc" and name not in TC_RUNS:
+                continue
             for b in args.budgets:
                 snaps = [snapshot(args, base, run_name, s, b * factor) for s in args.seeds]
                 if b <= last and all(os.path.exists(s) for s in snaps):

@@ -769,7 +769,7 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
         compare.parse_args(argv + ["--settings", "control-steps", "control-compute", "paper"])))]
     assert order == [(1, "control", 1), (1, "paper", 1), (2, "control", 2), (2, "control", 4), (2, "control", 8),
                      (2, "paper", 2)]                           # a run only goes forward: 4 waits for 2
-    with pytest.raises(UserError, match="must be a pretrained ec or diffmoe model"):
+    with pytest.raises(UserError, match="must be a pretrained tc, ec or diffmoe model"):
         compare.parse_args(["--init", str(tmp_path / "dense" / "last.pt")])
 
 

@@ -4,7 +4,7 @@ Pretrain a DiT-MoE, or post-train one with SharpMoE, on the CPU, one GPU, or und
     python train.py --recipe cpu --router ec --out runs/ec               # pretraining on a CPU
     python train.py --recipe cpu --init runs/ec/last.pt --out runs/ec-sharpmoe   # SharpMoE
     python train.py --recipe cpu --init runs/ec/last.pt --sharpmoe off --out runs/ec-control
-    torchrun --nproc_per_node=8 train.py --router diffmoe --data /imagenet/train --out runs/diffmoe-L
+    torchrun --nproc_per_node=8 train.py --router diffmoe --data /imagenet/train --out runs/diffmoe
 
 --recipe paper (the default) is the paper's recipe: DiT-L, AdamW lr 1e-4, batch 256, EMA 0.9999,
 T = 10, lambda = 0.001, 500K pretraining / 100K post-training steps. --recipe cpu is ours for a
@@ -28,22 +28,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import sharpmoe as sm
-from common import (RECIPES, HelpFormatter, UserError, check_out_folder, check_writable, checkpoint_config, generator,
-                    hold_lock, load_checkpoint, load_weights, run_cli, save_checkpoint, setup_distributed)
-from data import BUILTIN, PROBE_IMAGES, data_flags, data_shape, make_datasets, position_saliency, probe_batch, spread_batch
+from common import (RECIPES, HelpFormatter, UserError, check_out_folder, check_writable,
+                    checkpoint_config, generator, hold_lock, load_checkpoint, load_weights, run_cli,
+                    save_checkpoint, setup_distributed)
+from data import (BUILTIN, PROBE_IMAGES, data_flags, data_shape, make_datasets, position_saliency,
+                  probe_batch, spread_batch)
 
 # The model's flags: for pretraining; a model from --init keeps its own.
-MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_every=2, class_dropout=0.1,
-                      threshold_decay=0.95)
+MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_every=2,
+                      class_dropout=0.1, threshold_decay=0.95)
 # The post-training flags: with --init only (trajectory_steps: the recipe's).
-SHARPMOE_DEFAULTS = dict(sharpmoe="on", trajectory_steps=None, routing_weight=0.001, routing_temp=1.0,
-                         routing_mass="gate", routing_scope="trajectory", saliency_target="raw", sal_hidden=64,
-                         sal_position="on", oracle=False, backward="stepwise")
+SHARPMOE_DEFAULTS = dict(sharpmoe="on", trajectory_steps=None, routing_weight=0.001,
+                         routing_temp=1.0, routing_mass="gate", routing_scope="trajectory",
+                         saliency_target="raw", sal_hidden=64, sal_position="on", oracle=False,
+                         backward="stepwise")
 # Flags a resumed run may change; every other flag must be the one the run started with.
-RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "probe_every", "num_workers", "out", "backward",
-                     "probe_images", "lr", "grad_clip")   # (lr, grad_clip: to recover from a divergence)
-RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}   # flags of older checkpoints
-PATHS = ("data", "val_data", "init")   # stored absolute: a checkpoint's args resolve from any folder
+RESUME_MAY_CHANGE = ("steps", "resume", "log_every", "ckpt_every", "probe_every", "num_workers",
+                     "out", "backward", "probe_images",
+                     "lr", "grad_clip")   # (lr, grad_clip: to recover from a divergence)
+RENAMED = {"routing_target": "routing_scope", "post_path": "backward"}  # flags of older checkpoints
+PATHS = ("data", "val_data", "init")  # stored absolute: a checkpoint's args resolve from any folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,26 +59,32 @@ def check_args(args):
     check_out_folder(args.out, "--out")
     for flag, folder in (("--data", args.data), ("--val-data", args.val_data)):
         if folder and os.path.commonpath([os.path.abspath(args.out), folder]) == folder:
-            raise UserError(f"--out {args.out} lies inside {flag} {folder}: it would be read as a class folder; "
-                            "put the run elsewhere")
+            raise UserError(f"--out {args.out} lies inside {flag} {folder}: it would be read as a "
+                            "class folder; put the run elsewhere")
     if args.resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
         raise UserError(f"{args.out} already holds a run; add --resume {args.out}/last.pt to "
                         "continue it, or pick another --out")
-    checks = [(args.global_batch_size >= 1, f"--global-batch-size {args.global_batch_size} must be at least 1"),
+    checks = [(args.global_batch_size >= 1,
+               f"--global-batch-size {args.global_batch_size} must be at least 1"),
               (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
               (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
               (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
-              (finite(args.weight_decay) and args.weight_decay >= 0, f"--weight-decay {args.weight_decay:g} must be 0 or more"),
-              (finite(args.grad_clip) and args.grad_clip >= 0, f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
+              (finite(args.weight_decay) and args.weight_decay >= 0,
+               f"--weight-decay {args.weight_decay:g} must be 0 or more"),
+              (finite(args.grad_clip) and args.grad_clip >= 0,
+               f"--grad-clip {args.grad_clip:g} must be 0 (off) or more"),
               (min(args.log_every, args.ckpt_every, args.probe_every) >= 1,
                "--log-every, --ckpt-every and --probe-every must be at least 1"),
               (args.probe_images >= 0, f"--probe-images {args.probe_images} must be 0 or more"),
-              (args.num_workers is None or args.num_workers >= 0, f"--num-workers {args.num_workers} must be 0 or more")]
-    if args.init:                                              # (the post-training flags exist only there)
-        checks += [(args.trajectory_steps >= 2, f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
+              (args.num_workers is None or args.num_workers >= 0,
+               f"--num-workers {args.num_workers} must be 0 or more")]
+    if args.init:   # (the post-training flags exist only there)
+        checks += [(args.trajectory_steps >= 2,
+                    f"--trajectory-steps {args.trajectory_steps} must be at least 2: "
                     "step 1 has no x0_hat to route with (the paper uses 10)"),
                    (finite(args.routing_weight) and args.routing_weight >= 0,
-                    f"--routing-weight {args.routing_weight:g} must be 0 or more (the paper: 0.001)"),
+                    f"--routing-weight {args.routing_weight:g} must be 0 or more "
+                    "(the paper: 0.001)"),
                    (finite(args.routing_temp) and args.routing_temp > 0,
                     f"--routing-temp {args.routing_temp:g} must be positive")]
     for ok, msg in checks:
@@ -88,15 +98,18 @@ def resume_checkpoint(args):
     if args.resume is None:
         return None
     ckpt = load_checkpoint(args.resume)
-    old = {RENAMED.get(k, k): os.path.abspath(v) if k in PATHS and v else v for k, v in ckpt.get("args", {}).items()}
+    old = {RENAMED.get(k, k): os.path.abspath(v) if k in PATHS and v else v
+           for k, v in ckpt.get("args", {}).items()}
     ignored = RESUME_MAY_CHANGE + tuple(MODEL_DEFAULTS if args.init else SHARPMOE_DEFAULTS)
-    unset = lambda k, v: k not in PATHS and (v is None or old[k] is None)   # a flag of the other kind of run
+    # a flag of the other kind of run
+    unset = lambda k, v: k not in PATHS and (v is None or old[k] is None)
     differ = [f"--{k.replace('_', '-')} {old[k]} (now {v})" for k, v in vars(args).items()
               if k in old and k not in ignored and not unset(k, v) and old[k] != v]
     if differ:
-        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE if k not in ("resume", "out"))
-        raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; resume with the "
-                        f"same flags (only {may} may change), or start a new --out")
+        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE
+                        if k not in ("resume", "out"))
+        raise UserError(f"--resume {args.resume} was run with other flags: {', '.join(differ)}; "
+                        f"resume with the same flags (only {may} may change), or start a new --out")
     return ckpt
 
 
@@ -109,12 +122,15 @@ def make_loader(data, args, rank, world, device):
     if steps_per_epoch == 0:
         raise UserError(f"the data has {len(data)} images, fewer than --global-batch-size "
                         f"{args.global_batch_size}; lower the batch or add data")
-    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                               drop_last=True)
     workers = args.num_workers
-    if workers is None:                                        # the cores of this rank, less the trainer's
-        workers = max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-    loader = DataLoader(data, batch_size=args.global_batch_size // world, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+    if workers is None:   # the cores of this rank, less the trainer's
+        workers = max(1, min(4, (os.cpu_count() or 1)
+                                // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+    loader = DataLoader(data, batch_size=args.global_batch_size // world, sampler=sampler,
+                        num_workers=workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0)
     return loader, steps_per_epoch
 
 
@@ -150,31 +166,36 @@ def build_models(args, data, device, ckpt=None):
     (channels, size), num_classes = data_shape(data, args.image_size), len(data.classes)
     if args.init is None:
         try:
-            cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts, top_k=args.top_k,
-                                 moe_every=args.moe_every, class_dropout=args.class_dropout,
-                                 threshold_decay=args.threshold_decay, image_size=size, in_channels=channels,
-                                 num_classes=num_classes)
+            cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts,
+                                 top_k=args.top_k, moe_every=args.moe_every,
+                                 class_dropout=args.class_dropout,
+                                 threshold_decay=args.threshold_decay, image_size=size,
+                                 in_channels=channels, num_classes=num_classes)
         except ValueError as e:                                # a bad preset / router / size
             raise UserError(str(e))
         model = sm.DiT(cfg)
         return model.to(device), deepcopy(model).to(device)
     cfg = checkpoint_config(ckpt, args.init)
     if cfg.sharpmoe and args.sharpmoe == "off":
-        raise UserError(f"--init {args.init} is already a SharpMoE model; the control (--sharpmoe off) "
-                        "starts from the pretrained base checkpoint")
+        raise UserError(f"--init {args.init} is already a SharpMoE model; the control "
+                        "(--sharpmoe off) starts from the pretrained base checkpoint")
     if (cfg.in_channels, cfg.image_size, cfg.num_classes) != (channels, size, num_classes):
-        raise UserError(f"--init {args.init} is for {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} inputs and "
+        raise UserError(f"--init {args.init} is for "
+                        f"{cfg.in_channels}x{cfg.image_size}x{cfg.image_size} inputs and "
                         f"{cfg.num_classes} classes, the data has {channels}x{size}x{size} and "
                         f"{num_classes}; pass the matching --image-size and --data")
-    if cfg.sharpmoe:                                           # its R_sal is trained: its config wins
+    if cfg.sharpmoe:   # its R_sal is trained: its config wins
         differ = [f"--{k.replace('_', '-')} {v}" for k, v, had in (
-            ("sal_hidden", args.sal_hidden, cfg.sal_hidden), ("sal_position", args.sal_position, "on" if cfg.sal_position else "off"))
+            ("sal_hidden", args.sal_hidden, cfg.sal_hidden),
+            ("sal_position", args.sal_position, "on" if cfg.sal_position else "off"))
             if v is not None and v != had]
         if differ:
-            raise UserError(f"--init {args.init} already has R_sal (sal_hidden {cfg.sal_hidden}, sal_position "
+            raise UserError(f"--init {args.init} already has R_sal "
+                            f"(sal_hidden {cfg.sal_hidden}, sal_position "
                             f"{'on' if cfg.sal_position else 'off'}); drop {', '.join(differ)}")
     else:
-        cfg.sal_hidden = SHARPMOE_DEFAULTS["sal_hidden"] if args.sal_hidden is None else args.sal_hidden
+        cfg.sal_hidden = (SHARPMOE_DEFAULTS["sal_hidden"] if args.sal_hidden is None
+                          else args.sal_hidden)
         cfg.sal_position = (args.sal_position or SHARPMOE_DEFAULTS["sal_position"]) == "on"
     model = sm.DiT(cfg)
     load_weights(model, ckpt["model"], args.init)
@@ -182,13 +203,15 @@ def build_models(args, data, device, ckpt=None):
         try:
             sm.add_saliency_routers(model)
         except ValueError as e:                                # a dense model
-            raise UserError(f"--init {args.init}: {e}; pass --sharpmoe off to continue it as a control")
+            raise UserError(f"--init {args.init}: {e}; "
+                            "pass --sharpmoe off to continue it as a control")
     ema = deepcopy(model)                                      # R_sal starts equal in both
     if "ema" not in ckpt:                                      # (weights stripped for sharing)
         print(f"note: --init {args.init} has no EMA weights; the EMA starts from its model weights")
         return model.to(device), ema.to(device)
     incompatible = ema.load_state_dict(ckpt["ema"], strict=False)
-    assert not incompatible.unexpected_keys and all("sal_router" in k for k in incompatible.missing_keys)
+    assert not incompatible.unexpected_keys and all("sal_router" in k
+                                                    for k in incompatible.missing_keys)
     return model.to(device), ema.to(device)
 
 
@@ -215,16 +238,19 @@ def check_same_data(path, flag, stored, data, held_out, world, router):
     DiffMoE resumed on another number of ranks, that the run is another one."""
     old, new = list(stored.get("classes") or []), list(data.classes)
     if old and old != new:
-        changed = [f"{a!r} is now {b!r}" for a, b in zip(old, new) if a != b][:3] or [f"{len(old)} classes, now {len(new)}"]
-        raise UserError(f"{flag} {path} was trained on other classes ({'; '.join(changed)}): its labels would be "
-                        "swapped; restore the class folders' names, or train a new run")
+        changed = ([f"{a!r} is now {b!r}" for a, b in zip(old, new) if a != b][:3]
+                   or [f"{len(old)} classes, now {len(new)}"])
+        raise UserError(f"{flag} {path} was trained on other classes ({'; '.join(changed)}): "
+                        "its labels would be swapped; restore the class folders' names, "
+                        "or train a new run")
     notes = []
     if stored.get("held_out") not in (None, held_out_id(held_out)):
-        notes.append(f"note: the held-out images differ from those of {path} (images were added or removed): "
-                     "probe lines before and after this point measure other images")
+        notes.append(f"note: the held-out images differ from those of {path} (images were added "
+                     "or removed): probe lines before and after this point measure other images")
     if flag == "--resume" and router == "diffmoe" and stored.get("world", world) != world:
-        notes.append(f"note: {path} ran on {stored['world']} rank(s), this run on {world}: DiffMoE's pool is each "
-                     "rank's batch, so the continued run differs from the uninterrupted one")
+        notes.append(f"note: {path} ran on {stored['world']} rank(s), this run on {world}: "
+                     "DiffMoE's pool is each rank's batch, so the continued run differs from the "
+                     "uninterrupted one")
     return notes
 
 
@@ -234,8 +260,9 @@ def restore(ckpt, path, model, ema, opt):
         return 0, None
     missing = [k for k in ("ema", "opt", "step") if k not in ckpt]
     if missing:
-        raise UserError(f"--resume {path} has no {', '.join(missing)} (weights shared for sampling, or another "
-                        "version's file): it cannot continue a run; post-train from it with --init instead")
+        raise UserError(f"--resume {path} has no {', '.join(missing)} (weights shared for "
+                        "sampling, or another version's file): it cannot continue a run; "
+                        "post-train from it with --init instead")
     diff = sm.config_diff(checkpoint_config(ckpt, path), model.cfg)
     if diff:
         raise UserError(f"--resume {path} is a checkpoint of another config ({'; '.join(diff)}); "
@@ -253,9 +280,11 @@ def sharpmoe_loss(args, data, cfg, saliency_mean, device):
         return None
     if args.saliency_target == "residual" and saliency_mean is None:
         saliency_mean = position_saliency(data, cfg.patch_size)
-    return sm.SharpMoEOptions(lam=args.routing_weight, temp=args.routing_temp, mass=args.routing_mass,
-                              scope=args.routing_scope, oracle=args.oracle, stepwise=args.backward == "stepwise",
-                              saliency_mean=None if saliency_mean is None else saliency_mean.to(device))
+    return sm.SharpMoEOptions(lam=args.routing_weight, temp=args.routing_temp,
+                              mass=args.routing_mass, scope=args.routing_scope, oracle=args.oracle,
+                              stepwise=args.backward == "stepwise",
+                              saliency_mean=(None if saliency_mean is None
+                                             else saliency_mean.to(device)))
 
 
 def step_draws(args, cfg, T, step, rank, world, device):
@@ -316,13 +345,14 @@ class Meter:
         self.bad_step = torch.zeros((), dtype=torch.long, device=device)   # 0: none
 
     def add(self, step, stats, x0, patch_size):
-        loss = stats["fm"] + stats["aux"]                      # the routing loss: non-finite only if these are
+        loss = stats["fm"] + stats["aux"]   # the routing loss: non-finite only if these are
         finite = torch.isfinite(loss + stats["routing"])
         self.bad_step = torch.where(finite | (self.bad_step > 0), self.bad_step, step)
-        row = dict(loss_fm=stats["fm"].float(), aux=stats["aux"].float(), loss_routing=stats["routing"].float(),
-                   n=torch.ones((), device=self.device))
+        row = dict(loss_fm=stats["fm"].float(), aux=stats["aux"].float(),
+                   loss_routing=stats["routing"].float(), n=torch.ones((), device=self.device))
         if stats["counts"] is not None:                        # (T, B, N): the mean over steps
-            row["corr"] = sm.count_saliency(stats["counts"], sm.laplacian_saliency(x0, patch_size))["corr"].mean()
+            row["corr"] = sm.count_saliency(stats["counts"],
+                                            sm.laplacian_saliency(x0, patch_size))["corr"].mean()
         self.sums = {k: self.sums.get(k, 0) + v for k, v in row.items()}
         self.images += x0.shape[0]
 
@@ -334,9 +364,11 @@ class Meter:
             sys.exit(1)
         if self.bad_step:
             last = os.path.join(args.out, "last.pt")
-            rerun = f"rerun with --resume {last} and" if os.path.exists(last) else "nothing was saved; rerun with"
-            raise UserError(f"the loss became NaN or infinite at step {int(self.bad_step)}: training diverged; {rerun} "
-                            f"a lower --lr (now {args.lr:g}) or --grad-clip 1 (nothing after the last good step is saved)")
+            rerun = (f"rerun with --resume {last} and" if os.path.exists(last)
+                     else "nothing was saved; rerun with")
+            raise UserError(f"the loss became NaN or infinite at step {int(self.bad_step)}: "
+                            f"training diverged; {rerun} a lower --lr (now {args.lr:g}) or "
+                            "--grad-clip 1 (nothing after the last good step is saved)")
 
     def read(self, world):
         """The means over all ranks since the last read, and images/s; then starts over."""
@@ -368,15 +400,18 @@ class RoutingProbe:
 
 
 def header(args, model, opts, data, world, device, step, ckpt):
-    what = "SharpMoE post-training" if opts else "control continuation" if args.init else "pretraining"
+    what = ("SharpMoE post-training" if opts else "control continuation" if args.init
+            else "pretraining")
     resumed = ""
-    if ckpt:                                                   # a run killed before its own --steps left lines
+    if ckpt:   # a run killed before its own --steps left lines
         killed = ckpt.get("args", {}).get("steps", step) > step
-        resumed = f"; RESUMED from {args.resume}" + (f" (log lines above for steps after {step} came from the "
-                                                     "interrupted run)" if killed else "")
-    return (f"{what}: {model.cfg.router} router, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-            f"{len(data)} images, {len(data.classes)} classes, world {world}, device {device}, step {step} of "
-            f"{args.steps}" + resumed)
+        resumed = f"; RESUMED from {args.resume}" + (f" (log lines above for steps after {step} "
+                                                     "came from the interrupted run)"
+                                                     if killed else "")
+    return (f"{what}: {model.cfg.router} router, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"{len(data)} images, {len(data.classes)} classes, world {world}, device {device}, "
+            f"step {step} of {args.steps}" + resumed)
 
 
 def log_line(step, mean, opts, cfg, n_moe):
@@ -418,12 +453,14 @@ def train(args):
     ckpt = resume_checkpoint(args)
     init = load_checkpoint(args.init) if args.init else None
     rank, world, device = setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # (GPUs: TF32, as DiT)
+    # (GPUs: TF32, as DiT)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # 2. data, the same as the run's it continues
     data, held_out = make_datasets(**data_flags(vars(args)))
-    notes = [n for path, flag, c in ((args.resume, "--resume", ckpt), (args.init, "--init", init)) if c
-             for n in check_same_data(path, flag, c.get("args", {}), data, held_out, world, c["config"]["router"])]
+    notes = [n for path, flag, c in ((args.resume, "--resume", ckpt), (args.init, "--init", init))
+             if c for n in check_same_data(path, flag, c.get("args", {}), data, held_out, world,
+                                           c["config"]["router"])]
     loader, steps_per_epoch = make_loader(data, args, rank, world, device)
 
     # 3. model, EMA, optimizer, the SharpMoE loss (None: ordinary training)
@@ -434,7 +471,7 @@ def train(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=True if device.type == "cuda" else None)   # (GPUs: fused AdamW)
     step, saliency_mean = restore(ckpt, args.resume, model, ema, opt)
-    if step >= args.steps:                                     # a finished run: nothing to add to it
+    if step >= args.steps:   # a finished run: nothing to add to it
         if rank == 0:
             print(f"{args.resume} is at step {step} of --steps {args.steps}; nothing to train")
         if world > 1:
@@ -447,12 +484,14 @@ def train(args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     log, record = open_log(args.out, rank), run_record(args, data, held_out, world)
-    for line in [header(args, raw, opts, data, world=world, device=device, step=step, ckpt=ckpt), *notes]:
+    for line in [header(args, raw, opts, data, world=world, device=device, step=step, ckpt=ckpt),
+                 *notes]:
         log(line)
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     probe = None
     if n_moe and args.probe_images and rank == 0:
-        probe = RoutingProbe(held_out, device, args.probe_images, bool(opts and opts.oracle), autocast)
+        probe = RoutingProbe(held_out, device, args.probe_images, bool(opts and opts.oracle),
+                             autocast)
         log(f"step {step:7d}  {probe(raw)}  (before training)")
     fit_ema = EMAThresholds(data, cfg, T, opts, args.seed, device)   # (every rank: the same EMA)
 
@@ -463,9 +502,11 @@ def train(args):
         while step < args.steps:
             x0, y = next(data_iter)
             flip, draw = step_draws(args, cfg, T, step, rank, world, device)
-            x0, y = apply_flip(x0.to(device, non_blocking=True), flip), y.to(device, non_blocking=True)
+            x0, y = (apply_flip(x0.to(device, non_blocking=True), flip),
+                     y.to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
-            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, autocast=autocast, no_sync=no_sync)
+            stats = sm.forward_backward(model, cfg, x0, y, draw, opts, autocast=autocast,
+                                        no_sync=no_sync)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -499,63 +540,86 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     recipe = lambda k: "; ".join(f"{name}: {r[k]}" for name, r in RECIPES.items())
     add = p.add_argument
-    add("--recipe", choices=tuple(RECIPES), default="paper", help="the defaults of the flags marked 'recipe'")
+    add("--recipe", choices=tuple(RECIPES), default="paper",
+        help="the defaults of the flags marked 'recipe'")
     # data
-    add("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE, or a latent folder made by "
-        "latents.py (default: the built-in data, --builtin)")
-    add("--image-size", type=int, default=32, help="training resolution in pixels (a latent folder sets its own)")
-    add("--builtin", choices=tuple(BUILTIN), default="strokes", help="built-in data when --data is not given")
+    add("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE, or a latent folder "
+        "made by latents.py (default: the built-in data, --builtin)")
+    add("--image-size", type=int, default=32,
+        help="training resolution in pixels (a latent folder sets its own)")
+    add("--builtin", choices=tuple(BUILTIN), default="strokes",
+        help="built-in data when --data is not given")
     add("--builtin-size", type=int, default=10_000, help="number of built-in training images")
     add("--val-data", default=None, help="held-out folder for the routing probe (default: "
         f"{PROBE_IMAGES} images split off --data; built-in data has its own held-out range)")
-    add("--allow-empty-classes", action="store_true", help="keep class folders without images as classes "
-        "(refused otherwise: sampling would draw labels that have no data)")
+    add("--allow-empty-classes", action="store_true", help="keep class folders without images as "
+        "classes (refused otherwise: sampling would draw labels that have no data)")
     # the model (pretraining only: a model from --init keeps its own)
-    add("--preset", default=None, help=f"model size, one of {', '.join(sm.PRESETS)} (recipe: {recipe('preset')})")
+    add("--preset", default=None,
+        help=f"model size, one of {', '.join(sm.PRESETS)} (recipe: {recipe('preset')})")
     add("--router", default=None, help=f"one of {', '.join(sm.ROUTERS)} (default: ec)")
-    add("--num-experts", type=int, default=None, help="experts per MoE layer (default 0: 16 for diffmoe, 8 for tc "
-        "and ec)")
-    add("--top-k", type=int, default=None, help="experts per token on average (default: 1, the paper's)")
-    add("--moe-every", type=int, default=None, help="an MoE layer in every n-th block (default: 2, the paper's)")
+    add("--num-experts", type=int, default=None,
+        help="experts per MoE layer (default 0: 16 for diffmoe, 8 for tc and ec)")
+    add("--top-k", type=int, default=None,
+        help="experts per token on average (default: 1, the paper's)")
+    add("--moe-every", type=int, default=None,
+        help="an MoE layer in every n-th block (default: 2, the paper's)")
     add("--class-dropout", type=float, default=None, help="label dropout for CFG (default: 0.1)")
     add("--threshold-decay", type=float, default=None, help="DiffMoE threshold EMA (default: 0.95)")
     # SharpMoE post-training
     add("--init", default=None, help="post-train from this pretrained checkpoint (weights and EMA)")
     add("--sharpmoe", choices=("on", "off"), default=None,
-        help="with --init: on (default) adds R_sal and trains on trajectories; off is the control (plain continuation)")
-    add("--trajectory-steps", type=int, default=None, help=f"T, steps unrolled per SharpMoE iteration (recipe: {recipe('trajectory_steps')})")
-    add("--routing-weight", type=float, default=None, help="lambda of the routing loss (default: 0.001, the paper's)")
-    add("--routing-temp", type=float, default=None, help="temperature of the routing loss (default: 1, our choice)")
+        help="with --init: on (default) adds R_sal and trains on trajectories; off is the control "
+             "(plain continuation)")
+    add("--trajectory-steps", type=int, default=None,
+        help=f"T, steps unrolled per SharpMoE iteration (recipe: {recipe('trajectory_steps')})")
+    add("--routing-weight", type=float, default=None,
+        help="lambda of the routing loss (default: 0.001, the paper's)")
+    add("--routing-temp", type=float, default=None,
+        help="temperature of the routing loss (default: 1, our choice)")
     add("--routing-mass", choices=("gate", "count"), default=None,
-        help="A: the paper's selected gate mass (default), or our soft expert count (sm.routed_mass)")
+        help="A: the paper's selected gate mass (default), or our soft expert count "
+             "(sm.routed_mass)")
     add("--routing-scope", choices=("trajectory", "step"), default=None,
-        help="one KL on A summed over the trajectory (default: the paper), or the mean of one KL per step (ours)")
+        help="one KL on A summed over the trajectory (default: the paper), or the mean of one KL "
+             "per step (ours)")
     add("--saliency-target", choices=("raw", "residual"), default=None,
-        help="M as is (default: the paper), or minus the training data's mean saliency per token position (ours)")
-    add("--sal-hidden", type=int, default=None, help="hidden width of R_sal (default: 64, our choice; a SharpMoE --init keeps its own)")
+        help="M as is (default: the paper), or minus the training data's mean saliency per token "
+             "position (ours)")
+    add("--sal-hidden", type=int, default=None,
+        help="hidden width of R_sal (default: 64, our choice; a SharpMoE --init keeps its own)")
     add("--sal-position", choices=("on", "off"), default=None,
-        help="R_sal reads x0_hat's patch embedding plus the position embedding (default: on, our choice), or without it")
+        help="R_sal reads x0_hat's patch embedding plus the position embedding (default: on, our "
+             "choice), or without it")
     add("--oracle", action="store_true", default=None,
         help="route with the true clean x0 instead of x0_hat (an ablation bound)")
     add("--backward", choices=("unrolled", "stepwise"), default=None,
-        help="SharpMoE's backward: all T steps' graphs at once (faster), or one step's at a time (default; 1/T of "
-             "the memory); the same gradient")
+        help="SharpMoE's backward: all T steps' graphs at once (faster), or one step's at a time "
+             "(default; 1/T of the memory); the same gradient")
     # optimization
-    add("--steps", type=int, default=None, help=f"training steps (recipe, pretraining / --init: {recipe('steps')})")
-    add("--global-batch-size", type=int, default=None, help=f"images per step over all ranks (recipe: {recipe('global_batch_size')})")
+    add("--steps", type=int, default=None,
+        help=f"training steps (recipe, pretraining / --init: {recipe('steps')})")
+    add("--global-batch-size", type=int, default=None,
+        help=f"images per step over all ranks (recipe: {recipe('global_batch_size')})")
     add("--lr", type=float, default=None, help=f"AdamW learning rate (recipe: {recipe('lr')})")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    add("--grad-clip", type=float, default=None, help=f"gradient-norm clipping, 0: off (recipe: {recipe('grad_clip')})")
-    add("--ema", type=float, default=None, help=f"EMA decay (recipe, pretraining / --init: {recipe('ema')})")
+    add("--grad-clip", type=float, default=None,
+        help=f"gradient-norm clipping, 0: off (recipe: {recipe('grad_clip')})")
+    add("--ema", type=float, default=None,
+        help=f"EMA decay (recipe, pretraining / --init: {recipe('ema')})")
     add("--seed", type=int, default=0, help="random seed")
     # output
     add("--out", default="runs/run", help="output folder (checkpoints, log.txt)")
     add("--resume", default=None, help="continue from this checkpoint (same command otherwise)")
-    add("--ckpt-every", type=int, default=None, help=f"write OUT/last.pt every this many steps (recipe: {recipe('ckpt_every')})")
-    add("--log-every", type=int, default=None, help=f"log every this many steps (recipe: {recipe('log_every')})")
-    add("--probe-images", type=int, default=PROBE_IMAGES, help="held-out images of the logged routing probe (0: no probe)")
-    add("--probe-every", type=int, default=None, help="run the routing probe every this many steps, on rank 0 while "
-        f"the others wait (10 forwards per image; recipe: {recipe('probe_every')})")
+    add("--ckpt-every", type=int, default=None,
+        help=f"write OUT/last.pt every this many steps (recipe: {recipe('ckpt_every')})")
+    add("--log-every", type=int, default=None,
+        help=f"log every this many steps (recipe: {recipe('log_every')})")
+    add("--probe-images", type=int, default=PROBE_IMAGES,
+        help="held-out images of the logged routing probe (0: no probe)")
+    add("--probe-every", type=int, default=None,
+        help="run the routing probe every this many steps, on rank 0 while "
+             f"the others wait (10 forwards per image; recipe: {recipe('probe_every')})")
     add("--num-workers", type=int, default=None,
         help="data-loader workers per rank (default: the cores per rank less one, 1 to 4)")
     return complete_args(p.parse_args(argv))
@@ -573,13 +637,15 @@ def complete_args(args):
         raise UserError(f"--init {args.init} brings its own model; drop "
                         f"{', '.join(map(flag, given(MODEL_DEFAULTS)))} (they would be ignored)")
     if not args.init and given(SHARPMOE_DEFAULTS):
-        raise UserError(f"{', '.join(map(flag, given(SHARPMOE_DEFAULTS)))}: post-training flags, for a run from "
-                        "--init CKPT (pretraining would ignore them)")
+        raise UserError(f"{', '.join(map(flag, given(SHARPMOE_DEFAULTS)))}: post-training flags, "
+                        "for a run from --init CKPT (pretraining would ignore them)")
     for k, v in (SHARPMOE_DEFAULTS if args.init else MODEL_DEFAULTS).items():
-        if getattr(args, k) is None and k not in ("sal_hidden", "sal_position"):   # (R_sal: build_models)
+        # (R_sal: build_models)
+        if getattr(args, k) is None and k not in ("sal_hidden", "sal_position"):
             setattr(args, k, v)
     for k, v in RECIPES[args.recipe].items():
-        if getattr(args, k) is None and not (k == "preset" and args.init) and not (k == "trajectory_steps" and not args.init):
+        if (getattr(args, k) is None and not (k == "preset" and args.init)
+                and not (k == "trajectory_steps" and not args.init)):
             setattr(args, k, v[1 if args.init else 0] if isinstance(v, tuple) else v)
     return args
 
