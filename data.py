@@ -55,6 +55,7 @@ class Strokes(Builtin):
     contrast = (0.4, 0.8)       # |ink - background|
     noise_texture = 0.5         # the chance that the patch is random noise, not a checkerboard
     tilt = np.pi                # the glyph turns by an angle drawn from [-tilt, tilt]
+    smooth = 1.0                # the background's gradient and blob, 0: a flat colour
 
     @staticmethod
     def glyph(y):
@@ -79,9 +80,9 @@ class Strokes(Builtin):
         g *= rng.uniform(0.05, 0.2) / np.linalg.norm(g)            # a gentle linear gradient
         bx, by = rng.uniform(-1, 1, 2)
         blob = np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / rng.uniform(0.3, 0.8))
-        img = bg + (g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3)
-        a = rng.uniform(0, 2 * np.pi) if self.tilt == np.pi else rng.uniform(-self.tilt, self.tilt)   # the glyph:
-        # turned, scaled, placed
+        img = bg + self.smooth * ((g[0] * X + g[1] * Y)[..., None] + blob[..., None] * rng.uniform(-0.15, 0.15, 3))
+        tilt = rng.uniform(0, 2 * np.pi) if self.tilt == np.pi else rng.uniform(-self.tilt, self.tilt)
+        a = tilt                                                   # the glyph: turned, scaled, placed
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         seg = self.glyph(y) @ rot.T * rng.uniform(*self.scale) + rng.uniform(-0.35, 0.35, 2)
         P, p0, d = np.stack([X, Y], -1)[None], seg[:, None, None, 0], (seg[:, 1] - seg[:, 0])[:, None, None]

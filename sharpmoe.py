@@ -186,7 +186,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -644,7 +644,7 @@ def drop_labels(y, drop, num_classes):
 
 def interpolate(x0, eps, t):
     t = t.view(-1, 1, 1, 1)
-    return (1 - t) * x0 + t * eps                               # x_t, t = 1 is noise
+    return ((1 - t) * x0 + t * eps).to(x0.dtype)                # x_t, t = 1 is noise; x0's dtype
 
 
 def flow_target(x0, eps):

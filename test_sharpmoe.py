@@ -835,3 +835,68 @@ def test_stepwise_all_reduces_once_per_iteration(tmp_path):
         dist.destroy_process_group()
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision and the GPU paths, run on the CPU
+
+def test_ragged_loop_and_grouped_mm_paths_agree_in_fp32_and_bf16_with_gradients():
+    """Experts.ragged's two paths (the per-expert loop, the CPU's; F.grouped_mm with groups padded
+    to 16 rows, a GPU's in bf16): the same outputs and gradients, an empty expert and counts that
+    are not multiples of 16 included."""
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 19, 3])
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        experts = sm.Experts(4, 16, 32).to(dtype)
+        with torch.no_grad():
+            experts.b1.normal_(), experts.b2.normal_()
+        x = torch.randn(int(counts.sum()), 16, dtype=dtype)
+        g = torch.randn(int(counts.sum()), 16, dtype=dtype)
+        results = []
+        for grouped in (False, True):
+            experts.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = experts.ragged(xi, counts, grouped=grouped)
+            out.backward(g)
+            results.append([out, xi.grad] + [p.grad for p in experts.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol * a.float().abs().max().item())
+        assert results[1][2][1].abs().max() == 0                # expert 1 saw no token: no gradient
+
+
+@pytest.mark.parametrize("router", sm.ROUTERS)
+def test_a_training_step_under_bf16_autocast_runs_for_every_router_and_stays_close(router):
+    """CPU bf16 autocast (what a GPU run's precision looks like): the step runs (index_add_ of a
+    bf16 source into the fp32 output crashed before) and its gradients stay within bf16's
+    precision of fp32's; the saliency M is computed in fp32 under it."""
+    torch.manual_seed(0)
+    base = pretrained_like(sm.DiT(tiny(router)))
+    models = [base] if router == "dense" else [base, pretrained_like(sm.add_saliency_routers(deepcopy(base)), 1)]
+    x, y = batch(8)
+    for model in models:
+        opts = sm.SharpMoEOptions(lam=0.1) if model.cfg.sharpmoe else None
+        draw = sm.draw_training(model.cfg, 8, 3 if opts else 1, generator=torch.Generator().manual_seed(1))
+        grads = []
+        for bf16 in (False, True):
+            m = deepcopy(model)
+            stats = sm.forward_backward(m, m.cfg, x, y, draw, opts,
+                                        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
+            assert torch.isfinite(stats["fm"])
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        assert (grads[0] - grads[1]).norm() / grads[0].norm() < 0.15
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        M = sm.laplacian_saliency(x.bfloat16(), 4)
+    assert M.dtype == torch.float32
+    torch.testing.assert_close(M, sm.laplacian_saliency(x.bfloat16().float(), 4))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float64))
+def test_a_diffmoe_model_cast_to_another_dtype_trains_and_moves_its_thresholds(dtype):
+    """Module.to(dtype) casts the thresholds buffer; their update keeps its dtype (bf16's lerp_
+    refused an fp32 end, and the GPU check died there), and the quantile is taken in fp32 or wider."""
+    torch.manual_seed(0)
+    model = pretrained_like(sm.DiT(tiny("diffmoe"))).to(dtype)
+    x, y = batch(4)
+    sm.forward_backward(model, model.cfg, x.to(dtype), y, sm.draw_training(model.cfg, 4))
+    th = model.moe_layers()[0].thresholds
+    assert th.dtype == dtype and torch.isfinite(th).all() and th.abs().sum() > 0

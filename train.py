@@ -36,7 +36,7 @@ from data import (BUILTIN, PROBE_IMAGES, data_flags, data_shape, make_datasets, 
 
 # The model's flags: for pretraining; a model from --init keeps its own.
 MODEL_DEFAULTS = dict(preset=None, router="ec", num_experts=0, top_k=1, moe_every=2,
-                      class_dropout=0.1, threshold_decay=0.95)
+                      class_dropout=0.1, threshold_decay=0.95, patch_size=0, predict="v")
 # The post-training flags: with --init only (trajectory_steps: the recipe's).
 SHARPMOE_DEFAULTS = dict(sharpmoe="on", trajectory_steps=None, routing_weight=0.001,
                          routing_temp=1.0, routing_mass="gate", routing_scope="trajectory",
@@ -68,6 +68,7 @@ def check_args(args):
                f"--global-batch-size {args.global_batch_size} must be at least 1"),
               (args.steps >= 1, f"--steps {args.steps} must be at least 1"),
               (finite(args.lr) and args.lr > 0, f"--lr {args.lr:g} must be a positive number"),
+              (args.warmup >= 0, f"--warmup {args.warmup} must be 0 (none) or more"),
               (0 <= args.ema < 1, f"--ema {args.ema:g} must be in [0, 1) (the paper: 0.9999)"),
               (finite(args.weight_decay) and args.weight_decay >= 0,
                f"--weight-decay {args.weight_decay:g} must be 0 or more"),
@@ -166,11 +167,13 @@ def build_models(args, data, device, ckpt=None):
     (channels, size), num_classes = data_shape(data, args.image_size), len(data.classes)
     if args.init is None:
         try:
+            patch = dict(patch_size=args.patch_size) if args.patch_size else {}   # 0: the preset's
             cfg = sm.make_config(args.preset, router=args.router, num_experts=args.num_experts,
                                  top_k=args.top_k, moe_every=args.moe_every,
                                  class_dropout=args.class_dropout,
                                  threshold_decay=args.threshold_decay, image_size=size,
-                                 in_channels=channels, num_classes=num_classes)
+                                 in_channels=channels, num_classes=num_classes,
+                                 predict=args.predict, **patch)
         except ValueError as e:                                # a bad preset / router / size
             raise UserError(str(e))
         model = sm.DiT(cfg)
@@ -509,6 +512,8 @@ def train(args):
                                         no_sync=no_sync)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            for group in opt.param_groups:                     # linear warmup, then constant
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
             opt.step()
             update_ema(ema, raw, args.ema)
             step += 1
@@ -558,6 +563,10 @@ def parse_args(argv=None):
     add("--preset", default=None,
         help=f"model size, one of {', '.join(sm.PRESETS)} (recipe: {recipe('preset')})")
     add("--router", default=None, help=f"one of {', '.join(sm.ROUTERS)} (default: ec)")
+    add("--patch-size", type=int, default=None,
+        help="pixels (or latents) per token side (default: the preset's)")
+    add("--predict", choices=("v", "x"), default=None, help="the network's output: v (default: the "
+        "paper's) or the clean image x, turned into v (ours; sharpmoe.DiT.velocity)")
     add("--num-experts", type=int, default=None,
         help="experts per MoE layer (default 0: 16 for diffmoe, 8 for tc and ec)")
     add("--top-k", type=int, default=None,
@@ -603,6 +612,8 @@ def parse_args(argv=None):
         help=f"images per step over all ranks (recipe: {recipe('global_batch_size')})")
     add("--lr", type=float, default=None, help=f"AdamW learning rate (recipe: {recipe('lr')})")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--warmup", type=int, default=None,
+        help=f"steps of linear lr warmup, 0: none (recipe, pretraining / --init: {recipe('warmup')})")
     add("--grad-clip", type=float, default=None,
         help=f"gradient-norm clipping, 0: off (recipe: {recipe('grad_clip')})")
     add("--ema", type=float, default=None,
