@@ -1192,3 +1192,15 @@ def test_sampling_in_bf16_runs_on_the_cpu_and_stays_close_to_fp32(tmp_path, shar
     with np.load(tmp_path / "fp32" / "samples.npz") as a, np.load(tmp_path / "bf16" / "samples.npz") as b:
         diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
     assert 0 < diff.max() <= 8 and diff.mean() < 1
+
+
+def test_atomic_writes_replace_a_file_whole(tmp_path):
+    """A reader holding the old file keeps reading it whole while a new one is written: the new
+    file replaces it (a rename), it is never overwritten in place."""
+    from common import write_text
+    path = tmp_path / "f.txt"
+    write_text(str(path), "old")
+    with open(path) as held:
+        write_text(str(path), "new")
+        assert held.read() == "old"
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]

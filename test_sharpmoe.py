@@ -107,7 +107,7 @@ def test_batched_dispatch_equals_per_token_loop(router, training):
     torch.testing.assert_close(out.reshape(B * N, D), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_ragged_experts_equal_grouped_mm_and_take_gradients_per_expert():
+def test_ragged_loop_equals_a_grouped_mm_reference_and_takes_gradients_per_expert():
     torch.manual_seed(4)
     experts = sm.Experts(4, 16, 32)
     with torch.no_grad():                                       # biases that differ per expert
