@@ -85,7 +85,8 @@ class OneHotEC(torch.nn.Module):
         onehot = F.one_hot(top.indices.transpose(1, 2), N).to(x.dtype)   # (B, E, C, N)
         xe = torch.einsum("becn,bnd->becd", onehot, x)         # dispatch
         w1, b1, w2, b2 = m.experts.w1, m.experts.b1, m.experts.w2, m.experts.b2
-        ye = torch.stack([F.gelu(xe[:, e] @ w1[e] + b1[e]) @ w2[e] + b2[e] for e in range(m.E)], 1)   # (B, E, C, D)
+        ye = torch.stack([F.gelu(xi @ w1[e] + b1[e]) @ w2[e] + b2[e]            # (B, E, C, D)
+                          for e, xi in enumerate(xe.unbind(1))], 1)
         combine = onehot * top.values.transpose(1, 2).unsqueeze(-1)      # (B, E, C, N) gate-weighted
         return torch.einsum("becn,becd->bnd", combine, ye), x.new_zeros(())
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import HelpFormatter, UserError, atomic, check_writable, run_cli, to_uint8
+from common import RECIPES, HelpFormatter, UserError, atomic, check_writable, run_cli, to_uint8
 from data import BUILTIN, HELD_OUT, data_flags, is_latent_folder, make_datasets
 from quality import classify, frechet_distance, statistics, train_classifier
 
@@ -84,9 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/classifier", help="output folder")
     p.add_argument("--data", default=None, help="ImageNet-style image folder (default: the built-in data)")
     p.add_argument("--val-data", default=None, help="held-out folder (default: a tenth of --data)")
-    p.add_argument("--builtin", choices=tuple(BUILTIN), default="strokes", help="built-in data without --data")
+    p.add_argument("--builtin", choices=tuple(BUILTIN), default=RECIPES["cpu"]["builtin"],
+                   help="built-in data without --data (train.py --recipe cpu's)")
     p.add_argument("--builtin-size", type=int, default=10_000, help="built-in training images (train.py's default)")
-    p.add_argument("--image-size", type=int, default=32, help="resolution in pixels")
+    p.add_argument("--image-size", type=int, default=RECIPES["cpu"]["image_size"],
+                   help="resolution in pixels (train.py --recipe cpu's)")
     p.add_argument("--allow-empty-classes", action="store_true", help="as train.py's")
     p.add_argument("--epochs", type=int, default=4, help="training epochs")
     p.add_argument("--ref-images", type=int, default=5000, help="built-in data: images in each of the reference "

@@ -511,7 +511,9 @@ def claim(folder):
     router and budget: the early-step correlation beyond position in each view, the last step's in
     the noised view, and the held-out loss (mean ± half the range over seeds)."""
     header = ["# The claim, every router measured here", "",
-              f"Mean ± half the range over seeds. early, VIEW: the position-controlled correlation of "
+              "Mean ± half the range over seeds. accuracy, FD: the samples' quality (the classifier's "
+              "accuracy on their labels; the Fréchet distance in its features, floor in ROUTER.md). "
+              f"early, VIEW: the position-controlled correlation of "
               f"expert count with saliency in that view, mean over t >= {sm.EARLY}; t = {sm.PROBE_T[-1]}: the "
               "last noised step; held-out loss: the noised view's flow-matching loss, mean over t (the "
               "oracle's is not comparable: the true x0 reaches the prediction through the routing). The "
@@ -525,9 +527,16 @@ def claim(folder):
         if not isinstance(results, dict) or not {"pretrained", "runs"} <= set(results):
             continue                                            # not one of ours
         router, pre = path[:-5], results["pretrained"]
-        measures = [(f"early, {v}", v, lambda r, v=v: early(r[v]), "+.2f") for v in VIEWS if v in pre]
-        measures += [(f"t = {sm.PROBE_T[-1]}, noised", "noised", lambda r: r["noised"]["corr_pos"][-1], "+.2f"),
-                     ("held-out loss", "noised", lambda r: float(np.mean(r["noised"]["loss"])), ".4f")]
+        measures = [(f"{k}, cfg {c:g}", "quality", lambda r, k=k, c=c: r["quality"][str(c)][k], f)
+                    for c in QUALITY_CFG[::-1] for k, f in (("accuracy", ".3f"), ("fd", ".2f")) if "quality" in pre]
+        measures += [(f"early, {v}", v, lambda r, v=v: early(r[v]), "+.2f") for v in VIEWS if v in pre]
+        measures += [("early, rollout, raw (the paper's)", "rollout", lambda r: early(r["rollout"], "corr"), "+.2f")
+                     if "rollout" in pre else None,
+                     (f"t = {sm.PROBE_T[-1]}, noised", "noised", lambda r: r["noised"]["corr_pos"][-1], "+.2f"),
+                     ("held-out loss", "noised", lambda r: float(np.mean(r["noised"]["loss"])), ".4f"),
+                     ("experts / token / layer", "noised",
+                      lambda r: float(np.mean(r["noised"]["compute"])) if "compute" in r["noised"] else None, ".2f")]
+        measures = [m for m in measures if m]
         for b in sorted({int(b) for by in results["runs"].values() for b in by}):
             for label, v, fn, f in measures:
                 seeds = [[pre]] + [results["runs"].get(n, {}).get(str(b), []) for n in CLAIM_RUNS]

@@ -100,12 +100,13 @@ class Strokes(Builtin):
 
 
 class Glyphs(Strokes):
-    """Strokes made easier to generate: bolder (about 4 px at 32x32), larger and higher-contrast
-    glyphs, nearly upright (turned by at most 17 degrees); the textured patch always a
-    checkerboard (no unpredictable noise). Saliency stays uneven and off-centre: the glyph's
-    outline and the patch, anywhere near the centre."""
+    """Strokes made easier to generate (the CPU recipe's data): bolder (about 4 px at 32x32),
+    larger and higher-contrast glyphs, nearly upright (turned by at most 17 degrees), on a flat
+    background colour; the textured patch always a checkerboard (no unpredictable noise). The
+    saliency stays uneven and off-centre: the glyph's outline and the patch, placed anywhere
+    near the centre."""
     key = 2
-    ink, scale, contrast, noise_texture, tilt = 2.0, (0.4, 0.65), (0.6, 0.9), 0.0, 0.3
+    ink, scale, contrast, noise_texture, tilt, smooth = 2.0, (0.4, 0.65), (0.6, 0.9), 0.0, 0.3, 0.0
 
 
 class Shapes(Builtin):

@@ -26,15 +26,17 @@ from common import (HelpFormatter, UserError, check_writable, load_model, load_r
                     noise_and_labels, run_cli, save_image, save_npz, setup_distributed, to_uint8,
                     write_json)
 from data import data_flags, decode, load_vae, make_datasets, open_folder, probe_batch
+from quality import classify, load_classifier
 
 
-def save_grid(images, path, nrow, labels=None):
+def save_grid(images, path, nrow, labels=None, recognized=None):
     """images: (B, H, W, 3) uint8 -> one PNG with a 2-pixel border; small images are enlarged to
-    64 pixels. labels: a name above each column."""
+    64 pixels. labels: a name above each column. recognized: (B,) bools, the classifier's verdict
+    per image, a green (its class) or red (another) bar under each tile."""
     scale = -(-64 // images.shape[1])
     B, H, W = images.shape[0], images.shape[1] * scale, images.shape[2] * scale
-    top = 16 if labels else 0
-    grid = Image.new("RGB", (nrow * (W + 2) + 2, top + -(-B // nrow) * (H + 2) + 2), "white")
+    top, bar = 16 if labels else 0, 0 if recognized is None else 4
+    grid = Image.new("RGB", (nrow * (W + 2) + 2, top + -(-B // nrow) * (H + bar + 2) + 2), "white")
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=11)
     for j, label in enumerate((labels or [])[:nrow]):
         # (no newlines, tabs)
@@ -44,7 +46,11 @@ def save_grid(images, path, nrow, labels=None):
         draw.text((2 + j * (W + 2), 2), label, fill="black", font=font)
     for i, img in enumerate(images):
         tile = Image.fromarray(img).resize((W, H), Image.NEAREST)
-        grid.paste(tile, (2 + (i % nrow) * (W + 2), top + 2 + (i // nrow) * (H + 2)))
+        x, y = 2 + (i % nrow) * (W + 2), top + 2 + (i // nrow) * (H + bar + 2)
+        grid.paste(tile, (x, y))
+        if bar:
+            draw.rectangle([x, y + H + 1, x + W - 1, y + H + bar - 1],
+                           fill=(40, 160, 60) if recognized[i] else (200, 40, 40))
     save_image(grid, path)
 
 
@@ -158,6 +164,8 @@ def parse_args(argv=None):
                    "(same data) whose rollout --ckpt routes")
     p.add_argument("--data", default=None, help="--report noised: an image or latent folder "
                    "(default: the held-out images of the checkpoint's data)")
+    p.add_argument("--classifier", default=None, help="classifier.py's checkpoint: mark each grid "
+                   "tile green or red as it recognizes the tile's class or not")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast or full fp32 (default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--vae", default=None, help="latent checkpoints: the VAE to decode with "
@@ -261,6 +269,7 @@ def main(args):
                         "none: --report noised or reference")
     reference = (load_reference(args.reference, cfg, args.weights, device) if args.reference
                  else None)
+    clf = load_classifier(args.classifier)[0] if args.classifier else None
     os.makedirs(args.out, exist_ok=True)
     decode_latents = lambda x: x   # pixel mode: the model's x is the image
     if train_args.get("latent"):   # latent mode: decode with the data's VAE
@@ -282,9 +291,13 @@ def main(args):
             noise, _ = noise_and_labels(range(args.grid), cfg, args.seed)
             y = torch.arange(args.grid) % cfg.num_classes
             x = sm.sample(model, noise.to(device), y.to(device), args.sample_steps, args.cfg_scale)
-            save_grid(pixels(x), os.path.join(args.out, "grid.png"),
-                      min(cfg.num_classes, args.grid), train_args.get("classes"))
-            print(f"wrote {args.out}/grid.png")
+            images, recognized = pixels(x), None
+            if clf:                                             # a cheap caption: recognized or not
+                recognized = classify(clf, images)[1] == y.numpy()
+            save_grid(images, os.path.join(args.out, "grid.png"), min(cfg.num_classes, args.grid),
+                      train_args.get("classes"), recognized)
+            print(f"wrote {args.out}/grid.png" + ("" if recognized is None else
+                  f" ({recognized.mean():.0%} recognized as their class by {args.classifier})"))
         # 3. samples.npz, 4. the routing report
         if args.num_samples:
             write_samples(args, model, pixels, rank, world, device)

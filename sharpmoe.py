@@ -129,7 +129,7 @@ PRESETS = {
     "B": dict(depth=12, width=768, heads=12, patch_size=2),
     "L": dict(depth=24, width=1024, heads=16, patch_size=2),
     "XL": dict(depth=28, width=1152, heads=16, patch_size=2),
-    "cpu": dict(depth=6, width=96, heads=4, patch_size=4),    # 32x32 pixels -> 64 tokens
+    "cpu": dict(depth=6, width=96, heads=4, patch_size=2),    # 16x16 pixels -> 64 tokens
     "tiny": dict(depth=2, width=32, heads=2, patch_size=4),   # unit tests
 }
 
@@ -627,11 +627,18 @@ class Draw(NamedTuple):
         return Draw(self.ts[:, idx], self.eps[idx], self.drop[idx])
 
 
-def draw_training(cfg, B, T=1, generator=None, device="cpu"):
-    """The Draw of one iteration for B images: T = 1, one uniform t per image (pretraining, the
-    controls); T > 1, one SharpMoE trajectory per image."""
+def draw_training(cfg, B, T=1, generator=None, device="cpu", t_sampling="uniform"):
+    """The Draw of one iteration for B images: T = 1, one t per image (pretraining, the controls),
+    uniform or, t_sampling "logit-normal", sigmoid of a standard normal (SD3's, ours for the CPU
+    recipe: more of the training at the middle t where a glyph's shape is decided); T > 1, one
+    SharpMoE trajectory per image (trajectory_timesteps)."""
     kw = dict(generator=generator, device=device)
-    ts = trajectory_timesteps(T, B, **kw) if T > 1 else torch.rand(1, B, **kw)
+    if T > 1:
+        ts = trajectory_timesteps(T, B, **kw)
+    elif t_sampling == "logit-normal":
+        ts = torch.randn(1, B, **kw).sigmoid()
+    else:
+        ts = torch.rand(1, B, **kw)
     eps = torch.randn(B, cfg.in_channels, cfg.image_size, cfg.image_size, **kw)
     return Draw(ts, eps, torch.rand(B, **kw) < cfg.class_dropout)
 

@@ -4,10 +4,10 @@ pretrained models whose samples the classifier recognizes as their class (the ba
 1.5), measured as compare.py measures quality. Each setting is one train.py run (pretraining)
 measured at several step counts; rerunning resumes what was killed and skips what was measured.
 
-    python sweep.py                                  # every setting, results/sweep.md
-    python sweep.py --settings glyphs-16 --routers ec diffmoe dense
+    python sweep.py                                  # every setting's EC run, results/sweep.md
+    python sweep.py --settings recipe --routers diffmoe dense tc
 
-Per setting and step count: the held-out flow-matching loss is train.py's (log.txt); the
+Per setting and step count: the loss is train.py's logged training loss (log.txt); the
 quality is quality.model_quality of the EMA weights (--samples samples, labels i % 10, 50
 Euler steps, cfg 1.5 and 1.0): the classifier's accuracy on the labels, the Fréchet distance
 in its features to held-out images, and its noise floor (as many other real images). Each
@@ -21,27 +21,28 @@ import subprocess
 import sys
 
 
-from common import HelpFormatter, UserError, atomic, check_writable, hold_lock, load_checkpoint, load_model, run_cli, \
-    save_image, write_json, write_text
+from common import (RECIPES, HelpFormatter, UserError, atomic, check_writable, load_checkpoint, load_model, run_cli,
+                    save_image, write_json, write_text)
 from quality import load_classifier, model_quality
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# name: (train.py flags beyond --recipe cpu, the step counts measured). The first is the recipe
-# this sweep started from (the quick start's until then).
+# name: (train.py flags beyond --recipe cpu, the step counts measured). "before": the recipe the
+# sweep started from (the quick start's until then: thin strokes at 32x32, patch 4, lr 3e-4).
 SETTINGS = {
-    "strokes-32": (["--builtin", "strokes"], (3000, 6000)),
-    "glyphs-32": (["--builtin", "glyphs"], (3000, 6000)),
-    "glyphs-32-lr1e-3": (["--builtin", "glyphs", "--lr", "1e-3"], (3000, 6000)),
-    "glyphs-16-lr1e-3": (["--builtin", "glyphs", "--image-size", "16", "--preset", "cpu16", "--lr", "1e-3"],
-                         (3000, 6000)),
+    "before": (["--builtin", "strokes", "--image-size", "32", "--patch-size", "4", "--lr", "3e-4", "--warmup", "0",
+                "--t-sampling", "uniform"], (3000,)),
+    "uniform-t": (["--t-sampling", "uniform"], (3000, 6000)),
+    "recipe": ([], (3000, 6000, 9000, 12000)),
+    "x-prediction": (["--predict", "x"], (3000, 6000, 9000, 12000)),
 }
-
+ROUTERS = ("ec", "diffmoe", "dense", "tc")
 
 def classifier_for(args, flags):
     """The classifier of a setting's data (built-in name and image size), trained once."""
-    pick = lambda k, default: flags[flags.index(k) + 1] if k in flags else default
-    builtin, size = pick("--builtin", "strokes"), pick("--image-size", "32")
+    recipe = RECIPES["cpu"]
+    pick = lambda k, default: flags[flags.index(k) + 1] if k in flags else str(default)
+    builtin, size = pick("--builtin", recipe["builtin"]), pick("--image-size", recipe["image_size"])
     path = os.path.join(args.out, "classifiers", f"{builtin}-{size}", "classifier.pt")
     if not os.path.exists(path):
         run([sys.executable, os.path.join(HERE, "classifier.py"), "--builtin", builtin, "--image-size", size,
@@ -132,42 +133,54 @@ def table(rows, args):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, flags, router, steps, loss, q, png in rows:
         a, b = q["1.5"], q["1.0"]
-        lines.append(f"| {name} | `{' '.join(flags)}` | {router} | {steps} | {loss if loss is None else format(loss, '.4f')} "
-                     f"| {a['accuracy']:.3f} | {a['fd']:.2f} | {b['accuracy']:.3f} | {b['fd']:.2f} | {a['floor']:.3f} "
-                     f"| [grid](sweep/{os.path.basename(png)}) |")
+        lines.append(f"| {name} | `{' '.join(flags) or '(none)'}` | {router} | {steps} | "
+                     f"{'-' if loss is None else format(loss, '.4f')} | {a['accuracy']:.3f} | {a['fd']:.2f} | "
+                     f"{b['accuracy']:.3f} | {b['fd']:.2f} | {a['floor']:.3f} | [grid](sweep/{png}) |")
     return "\n".join(lines) + "\n"
 
 
+def measured_rows(args):
+    """Every (setting, router, steps) measured so far in OUT, by this process or another: the
+    table's rows (so that two sweeps over disjoint --settings share one table)."""
+    rows = []
+    for name, (flags, budgets) in SETTINGS.items():
+        for router in ROUTERS:
+            for steps in budgets:
+                snap = os.path.join(args.out, name, router, f"step{steps}.pt")
+                if os.path.exists(snap[:-3] + ".quality.json"):
+                    with open(snap[:-3] + ".quality.json") as f:
+                        q = json.load(f)["quality"]
+                    loss = last_loss(os.path.join(os.path.dirname(snap), "log.txt"), steps)
+                    rows.append((name, flags, router, steps, loss, q, f"{name}-{router}-{steps}.png"))
+    return rows
+
+
 def main(args):
-    with hold_lock(args.out):
-        rows = []
-        for name in args.settings:
-            flags, budgets = SETTINGS[name]
-            clf = classifier_for(args, flags)
-            for router in args.routers:
-                for steps in budgets:
-                    snap = train_to(args, name, router, flags, steps)
-                    q = measure(args, snap, clf)
-                    png = os.path.join(args.results, "sweep", f"{name}-{router}-{steps}.png")
-                    os.makedirs(os.path.dirname(png), exist_ok=True)
-                    with atomic(png) as tmp, open(snap[:-3] + ".png", "rb") as src, open(tmp, "wb") as dst:
-                        dst.write(src.read())
-                    rows.append((name, flags, router, steps, last_loss(os.path.join(os.path.dirname(snap), "log.txt"), steps),
-                                 q, png))
-                    write_text(os.path.join(args.results, "sweep.md"), table(rows, args))
-                    print(f"{name} {router} {steps}: accuracy {q['1.5']['accuracy']:.3f} (cfg 1.5), "
-                          f"{q['1.0']['accuracy']:.3f} (cfg 1.0)", flush=True)
+    for name in args.settings:
+        flags, budgets = SETTINGS[name]
+        clf = classifier_for(args, flags)
+        for router in args.routers:
+            for steps in budgets:
+                snap = train_to(args, name, router, flags, steps)
+                q = measure(args, snap, clf)
+                png = os.path.join(args.results, "sweep", f"{name}-{router}-{steps}.png")
+                os.makedirs(os.path.dirname(png), exist_ok=True)
+                with atomic(png) as tmp, open(snap[:-3] + ".png", "rb") as src, open(tmp, "wb") as dst:
+                    dst.write(src.read())
+                write_text(os.path.join(args.results, "sweep.md"), table(measured_rows(args), args))
+                print(f"{name} {router} {steps}: accuracy {q['1.5']['accuracy']:.3f} (cfg 1.5), "
+                      f"{q['1.0']['accuracy']:.3f} (cfg 1.0)", flush=True)
     print(f"wrote {args.results}/sweep.md")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="settings to run")
-    p.add_argument("--routers", nargs="+", default=["ec"], choices=("dense", "tc", "ec", "diffmoe"),
+    p.add_argument("--routers", nargs="+", default=["ec"], choices=ROUTERS,
                    help="routers to pretrain per setting")
     p.add_argument("--out", default="runs/sweep", help="runs and their measurements")
     p.add_argument("--results", default="results", help="sweep.md and its grids (sweep/)")
-    p.add_argument("--samples", type=int, default=1000, help="samples per measurement")
+    p.add_argument("--samples", type=int, default=500, help="samples per measurement and guidance scale")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
     args = p.parse_args(argv)
     check_writable(args.out, "--out"), check_writable(args.results, "--results")

@@ -297,7 +297,7 @@ def step_draws(args, cfg, T, step, rank, world, device):
     a resumed run draws what the uninterrupted one drew."""
     g = generator(args.seed, step, device)
     G, rows = args.global_batch_size, slice(rank, None, world)
-    draw = sm.draw_training(cfg, G, T, g, device)
+    draw = sm.draw_training(cfg, G, T, g, device, args.t_sampling)
     flip = torch.rand(G, generator=g, device=device) < 0.5
     return flip[rows], draw.rows(rows)
 
@@ -324,11 +324,12 @@ class EMAThresholds:
     with SharpMoE, one t per image otherwise). The raw model's thresholds do not fit the EMA's
     predictor. A no-op for the other routers."""
 
-    def __init__(self, data, cfg, T, opts, seed, device, n=256):
+    def __init__(self, data, cfg, T, opts, args, device, n=256):
         self.active = cfg.router == "diffmoe"
         if self.active:
             self.x0, self.y = spread_batch(data, n, device)
-            self.draw = sm.draw_training(cfg, len(self.y), T, generator(seed, -1, device), device)
+            self.draw = sm.draw_training(cfg, len(self.y), T, generator(args.seed, -1, device), device,
+                                         args.t_sampling)
             self.oracle = bool(opts and opts.oracle)
 
     def __call__(self, ema):
@@ -496,7 +497,7 @@ def train(args):
         probe = RoutingProbe(held_out, device, args.probe_images, bool(opts and opts.oracle),
                              autocast)
         log(f"step {step:7d}  {probe(raw)}  (before training)")
-    fit_ema = EMAThresholds(data, cfg, T, opts, args.seed, device)   # (every rank: the same EMA)
+    fit_ema = EMAThresholds(data, cfg, T, opts, args, device)   # (every rank: the same EMA)
 
     # 4. the loop: draw, forward/backward, step, EMA, log, save
     meter, data_iter = Meter(device), batches(loader, step, steps_per_epoch)
@@ -550,10 +551,10 @@ def parse_args(argv=None):
     # data
     add("--data", default=None, help="ImageNet-style folder DIR/CLASS/IMAGE, or a latent folder "
         "made by latents.py (default: the built-in data, --builtin)")
-    add("--image-size", type=int, default=32,
-        help="training resolution in pixels (a latent folder sets its own)")
-    add("--builtin", choices=tuple(BUILTIN), default="strokes",
-        help="built-in data when --data is not given")
+    add("--image-size", type=int, default=None, help="training resolution in pixels (a latent "
+        f"folder sets its own; recipe: {recipe('image_size')})")
+    add("--builtin", choices=tuple(BUILTIN), default=None,
+        help=f"built-in data when --data is not given (recipe: {recipe('builtin')})")
     add("--builtin-size", type=int, default=10_000, help="number of built-in training images")
     add("--val-data", default=None, help="held-out folder for the routing probe (default: "
         f"{PROBE_IMAGES} images split off --data; built-in data has its own held-out range)")
@@ -612,6 +613,8 @@ def parse_args(argv=None):
         help=f"images per step over all ranks (recipe: {recipe('global_batch_size')})")
     add("--lr", type=float, default=None, help=f"AdamW learning rate (recipe: {recipe('lr')})")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--t-sampling", choices=("uniform", "logit-normal"), default=None,
+        help=f"t of one-step training (pretraining, the controls; recipe: {recipe('t_sampling')})")
     add("--warmup", type=int, default=None,
         help=f"steps of linear lr warmup, 0: none (recipe, pretraining / --init: {recipe('warmup')})")
     add("--grad-clip", type=float, default=None,
