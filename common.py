@@ -132,6 +132,20 @@ def write_json(path, obj, **kw):
     write_text(path, json.dumps(obj, **kw))
 
 
+def cached(path, key, compute):
+    """compute()'s result (JSON values), cached in the file path under key: recomputed when the
+    file is missing or was written under another key (other settings)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        value = next((saved[k] for k in ("value", "quality", "views") if k in saved), None)   # (older names)
+        if saved.get("key") == key and value is not None:
+            return value
+    value = compute()
+    write_json(path, dict(key=key, value=value))
+    return value
+
+
 def save_image(image, path):
     """A PIL image as a PNG, atomically."""
     with atomic(path) as tmp:

@@ -50,8 +50,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import sharpmoe as sm
-from common import (RECIPES, HelpFormatter, UserError, atomic, check_writable, hold_lock, load_checkpoint, load_model,
-                    load_reference, noise_and_labels, run_cli, save_image, write_json, write_text)
+from common import (RECIPES, HelpFormatter, UserError, atomic, cached, check_writable, hold_lock, load_checkpoint,
+                    load_model, load_reference, noise_and_labels, run_cli, save_image, write_json, write_text)
 from data import DATA_FLAGS, data_flags, make_datasets, probe_batch, spread_batch
 from quality import load_classifier, model_quality
 
@@ -226,19 +226,21 @@ def measured(args, views, ckpt, oracle=False):
                cfg_scale=args.cfg_scale, weights=args.weights, compute=args.compute,
                reference=os.path.abspath(args.reference) if args.reference else None,
                quality=[args.quality_samples, views.classifier and views.classifier[1]["accuracy"]])
-    if os.path.exists(cache):
-        with open(cache) as f:
-            saved = json.load(f)
-        if saved["key"] == key:
-            return saved["views"]
+    def measure():
+        model = calibrated(args, views, ckpt, oracle)
+        result = views.measure(model, oracle)
+        if views.classifier and not oracle:                    # (an oracle samples without its x0)
+            result["quality"] = {str(s): quality_without_images(model, views, s) for s in QUALITY_CFG}
+        return result
+    return cached(cache, key, measure)
+
+
+def calibrated(args, views, ckpt, oracle=False):
+    """The checkpoint's model, DiffMoE's thresholds calibrated to --compute."""
     model, _ = load_model(ckpt, args.weights)
     if model.cfg.router == "diffmoe" and args.compute:
         views.calibrate(model, args.compute, oracle)
-    result = views.measure(model, oracle)
-    if views.classifier and not oracle:                        # (an oracle samples without its x0)
-        result["quality"] = {str(s): quality_without_images(model, views, s) for s in QUALITY_CFG}
-    write_json(cache, dict(key=key, views=result))
-    return result
+    return model
 
 
 QUALITY_CFG = (1.0, 1.5)   # the paper's two guidance scales
@@ -254,19 +256,9 @@ def quality_without_images(model, views, cfg_scale, seed=0):
 
 def seed1_quality(args, views, path):
     """The base's quality at cfg 1.5 under another noise seed (the seed-to-seed part of the floor)."""
-    cache = os.path.splitext(path)[0] + ".quality-seed1.json"
-    key = [args.quality_samples, args.sample_steps, views.classifier[1]["accuracy"], args.weights]
-    if os.path.exists(cache):
-        with open(cache) as f:
-            saved = json.load(f)
-        if saved["key"] == key:
-            return saved["quality"]
-    model, _ = load_model(path, args.weights)
-    if model.cfg.router == "diffmoe" and args.compute:
-        views.calibrate(model, args.compute)
-    q = quality_without_images(model, views, 1.5, seed=1)
-    write_json(cache, dict(key=key, quality=q))
-    return q
+    key = [args.quality_samples, args.sample_steps, views.classifier[1]["accuracy"], args.weights, args.compute]
+    return cached(os.path.splitext(path)[0] + ".quality-seed1.json", key,
+                  lambda: quality_without_images(calibrated(args, views, path), views, 1.5, seed=1))
 
 
 def classifier_for(args, base):

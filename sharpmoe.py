@@ -433,9 +433,10 @@ def update_thresholds(model, skip_first=False):
     call: one in pretraining (the C-th of B*N); in a SharpMoE iteration the trajectory's steps
     2..T together (skip_first), one uniform draw per bin of [0, 0.999), so that the pool mixes
     noise levels as pretraining's uniform t does (t_1 = 0.999 is a point that uniform t never
-    draws). Ours: updated per forward, as DiffMoE's code does, each pool would hold one t-bin and
-    the thresholds would drift (measured: 2.2x the control's inference compute; with step 1 in
-    the pool 1.3x; without it 1.05x). model may be wrapped in DDP."""
+    draws; after logit-normal pretraining the mix differs, and compare.py matches compute by
+    calibration). Ours: updated per forward, as DiffMoE's code does, each pool would hold one
+    t-bin and the thresholds would drift (measured: 2.2x the control's inference compute; with
+    step 1 in the pool 1.3x; without it 1.05x). model may be wrapped in DDP."""
     for layer in model.modules():
         if isinstance(layer, MoE) and layer.router == "diffmoe" and layer.pool_scores:
             pool = layer.pool_scores[1:] if skip_first and len(layer.pool_scores) > 1 else layer.pool_scores

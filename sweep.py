@@ -21,8 +21,8 @@ import subprocess
 import sys
 
 
-from common import (RECIPES, HelpFormatter, UserError, atomic, check_writable, load_checkpoint, load_model, run_cli,
-                    save_image, write_json, write_text)
+from common import (RECIPES, HelpFormatter, UserError, atomic, cached, check_writable, load_checkpoint, load_model,
+                    run_cli, save_image, write_text)
 from quality import load_classifier, model_quality
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +39,10 @@ SETTINGS = {
 ROUTERS = ("ec", "diffmoe", "dense", "tc")
 
 def classifier_for(args, flags):
-    """The classifier of a setting's data (built-in name and image size), trained once."""
+    """The classifier of a setting's data (built-in name and image size), trained once (or
+    --classifier)."""
+    if args.classifier:
+        return args.classifier
     recipe = RECIPES["cpu"]
     pick = lambda k, default: flags[flags.index(k) + 1] if k in flags else str(default)
     builtin, size = pick("--builtin", recipe["builtin"]), pick("--image-size", recipe["image_size"])
@@ -89,24 +92,20 @@ def last_loss(log, steps):
 
 def measure(args, snap, clf_path):
     """Quality at cfg 1.5 and 1.0, cached beside the snapshot (.json), and a grid."""
-    cache = snap[:-3] + ".quality.json"
     key = dict(samples=args.samples, sample_steps=args.sample_steps, classifier=os.path.abspath(clf_path))
-    if os.path.exists(cache):
-        with open(cache) as f:
-            saved = json.load(f)
-        if saved["key"] == key:
-            return saved["quality"]
-    model, _ = load_model(snap, "ema")
-    clf, ckpt = load_classifier(clf_path)
-    quality = {}
-    for cfg_scale in (1.5, 1.0):
-        q = model_quality(model, clf, ckpt, n=args.samples, steps=args.sample_steps, cfg_scale=cfg_scale)
-        if cfg_scale == 1.5:
-            grid(q.pop("images")[:40], snap[:-3] + ".png")
-        q.pop("images", None)
-        quality[str(cfg_scale)] = q
-    write_json(cache, dict(key=key, quality=quality))
-    return quality
+
+    def compute():
+        model, _ = load_model(snap, "ema")
+        clf, ckpt = load_classifier(clf_path)
+        quality = {}
+        for cfg_scale in (1.5, 1.0):
+            q = model_quality(model, clf, ckpt, n=args.samples, steps=args.sample_steps, cfg_scale=cfg_scale)
+            images = q.pop("images")
+            if cfg_scale == 1.5:
+                grid(images[:40], snap[:-3] + ".png")
+            quality[str(cfg_scale)] = q
+        return quality
+    return cached(snap[:-3] + ".quality.json", key, compute)
 
 
 def grid(images, path):
@@ -149,7 +148,8 @@ def measured_rows(args):
                 snap = os.path.join(args.out, name, router, f"step{steps}.pt")
                 if os.path.exists(snap[:-3] + ".quality.json"):
                     with open(snap[:-3] + ".quality.json") as f:
-                        q = json.load(f)["quality"]
+                        saved = json.load(f)
+                    q = saved.get("value", saved.get("quality"))
                     loss = last_loss(os.path.join(os.path.dirname(snap), "log.txt"), steps)
                     rows.append((name, flags, router, steps, loss, q, f"{name}-{router}-{steps}.png"))
     return rows
@@ -182,6 +182,8 @@ def parse_args(argv=None):
     p.add_argument("--results", default="results", help="sweep.md and its grids (sweep/)")
     p.add_argument("--samples", type=int, default=500, help="samples per measurement and guidance scale")
     p.add_argument("--sample-steps", type=int, default=50, help="Euler steps per sample")
+    p.add_argument("--classifier", default=None, help="classifier.py's checkpoint for every setting (default: one "
+                   "trained per setting's data, in OUT/classifiers/)")
     args = p.parse_args(argv)
     check_writable(args.out, "--out"), check_writable(args.results, "--results")
     return args

@@ -1204,3 +1204,27 @@ def test_atomic_writes_replace_a_file_whole(tmp_path):
         write_text(str(path), "new")
         assert held.read() == "old"
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_sweep_trains_measures_tables_and_resumes(tmp_path, monkeypatch):
+    """sweep.py on a tiny setting: each step count a snapshot of one continued run, measured
+    (accuracy, FD and floor at cfg 1.5 and 1.0) into results/sweep.md with a grid; rerun, it
+    trains and measures nothing again."""
+    import classifier
+    import sweep
+    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1",
+                                           "--ref-images", "16"]))
+    monkeypatch.setattr(sweep, "SETTINGS", {"tiny": (["--preset", "tiny", "--builtin-size", "64", "--global-batch-size",
+                                                      "8", "--num-workers", "0", "--probe-images", "4"], (1, 2))})
+    argv = ["--settings", "tiny", "--out", str(tmp_path / "sw"), "--results", str(tmp_path / "res"), "--samples", "4",
+            "--sample-steps", "2", "--classifier", str(tmp_path / "clf" / "classifier.pt")]
+    sweep.main(sweep.parse_args(argv))
+    table = (tmp_path / "res" / "sweep.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[4].strip() for r in rows] == ["1", "2"]          # one run, measured at steps 1 and 2
+    assert torch.load(tmp_path / "sw" / "tiny" / "ec" / "step2.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "res" / "sweep" / "tiny-ec-2.png").exists()
+    monkeypatch.setattr(sweep.subprocess, "Popen", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(sweep, "model_quality", lambda *a, **k: pytest.fail("measured again"))
+    sweep.main(sweep.parse_args(argv))
+    assert (tmp_path / "res" / "sweep.md").read_text() == table
