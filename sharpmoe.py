@@ -616,6 +616,9 @@ def expert_count(routes):
 
 # ----------------------------------------------------------------------------------------------
 # Training: one-step rectified flow (pretraining, the controls)
+#
+# The training functions take the model's cfg beside the model: under torchrun the model is a
+# DDP wrapper, which hides model.cfg.
 
 class Draw(NamedTuple):
     """Everything random in one training iteration, drawn up front (draw_training)."""

@@ -1228,3 +1228,19 @@ def test_sweep_trains_measures_tables_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "model_quality", lambda *a, **k: pytest.fail("measured again"))
     sweep.main(sweep.parse_args(argv))
     assert (tmp_path / "res" / "sweep.md").read_text() == table
+
+
+def test_a_partial_extraction_resumes_only_with_its_own_source(tmp_path, tiny_vae):
+    """latents.py records what made an extraction (source.json): resuming it with another VAE or
+    after the images changed is refused in one line (it would mix two sources' latents)."""
+    import shutil
+    images = small_folder(tmp_path / "imgs", n=3, size=32)
+    out = extract(str(images), tiny_vae, tmp_path / "lat")
+    (out / "meta.json").unlink()                                # as if killed before the end
+    other = tmp_path / "other-vae"
+    shutil.copytree(tiny_vae, other)
+    with pytest.raises(UserError, match="holds a partial extraction of another source \\(vae .*other-vae"):
+        extract(str(images), str(other), out)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(images / "cat" / "0.png")   # a changed image
+    with pytest.raises(UserError, match="another source \\(files_sha1"):
+        extract(str(images), tiny_vae, out)
