@@ -226,10 +226,11 @@ def setup_distributed():
 RECIPES = {
     "paper": dict(preset="L", global_batch_size=256, lr=1e-4, grad_clip=0.0, ema=0.9999, trajectory_steps=10,
                   steps=(500_000, 100_000), log_every=100, ckpt_every=5000, probe_every=5000, warmup=0,
-                  t_sampling="uniform", builtin="glyphs", image_size=32),
-    "cpu": dict(preset="cpu", global_batch_size=32, lr=1e-3, grad_clip=1.0, ema=(0.999, 0.98), trajectory_steps=4,
+                  t_sampling="uniform", builtin="glyphs", image_size=32, lr_schedule="constant"),
+    "cpu": dict(preset="cpu", global_batch_size=32, lr=(1e-3, 3e-4), grad_clip=1.0, ema=(0.999, 0.98), trajectory_steps=4,
                 steps=(8000, 150), log_every=(500, 50), ckpt_every=500, probe_every=(1000, 50),
-                warmup=(500, 0), t_sampling="logit-normal", builtin="glyphs", image_size=16),
+                warmup=(500, 0), t_sampling="logit-normal", builtin="glyphs", image_size=16,
+                lr_schedule="constant"),
 }
 
 

@@ -254,6 +254,17 @@ def quality_without_images(model, views, cfg_scale, seed=0):
     return q
 
 
+def quality_line(results, base):
+    """One line: each checkpoint's sample quality at cfg 1.5 (seed 0's), beside the floor."""
+    pre = results["pretrained"]["quality"]["1.5"]
+    runs = [f"{name} {b} {seeds[0]['quality']['1.5']['accuracy']:.0%}" for name, by in results["runs"].items()
+            for b, seeds in by.items() if "quality" in seeds[0]]
+    return (f"sample quality of {base['router']} (cfg 1.5, {pre['n']} samples): recognized as their class: pretrained "
+            f"{pre['accuracy']:.0%}" + "".join(f", {r}" for r in runs) + f" (real images: "
+            f"{results['classifier_accuracy']:.0%}); Fréchet distance of the pretrained {pre['fd']:.2f}, floor "
+            f"{pre['floor']:.2f}")
+
+
 def seed1_quality(args, views, path):
     """The base's quality at cfg 1.5 under another noise seed (the seed-to-seed part of the floor)."""
     key = [args.quality_samples, args.sample_steps, views.classifier[1]["accuracy"], args.weights, args.compute]
@@ -633,6 +644,8 @@ def compare(args):
         write_json(prefix + ".json", results)
         figures(results, base, args, prefix)
         print(f"wrote {prefix}.md, {prefix}.json, {prefix}_steps.png, {prefix}_budget.png")
+        if clf:
+            print(quality_line(results, base))
         out[base["router"]] = results
     claim(args.results)
     print(f"wrote {os.path.join(args.results, 'claim.md')} (every router's results there, one table)")

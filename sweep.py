@@ -35,6 +35,7 @@ SETTINGS = {
     "uniform-t": (["--t-sampling", "uniform"], (3000, 6000)),
     "recipe": ([], (3000, 6000, 9000, 12000)),
     "x-prediction": (["--predict", "x"], (3000, 6000, 9000, 12000)),
+    "cosine-6000": (["--lr-schedule", "cosine"], (6000,)),      # (the schedule ends at its one budget)
 }
 ROUTERS = ("ec", "diffmoe", "dense", "tc")
 

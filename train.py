@@ -302,6 +302,16 @@ def step_draws(args, cfg, T, step, rank, world, device):
     return flip[rows], draw.rows(rows)
 
 
+def learning_rate(args, step):
+    """The lr of a step: a linear warmup over --warmup steps, then constant (the paper's) or, with
+    --lr-schedule cosine, a cosine decay to 0 at --steps (ours, for short CPU runs)."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    if args.lr_schedule == "constant":
+        return args.lr * warm
+    progress = min(1.0, max(0, step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def apply_flip(x0, flip):
     """Random horizontal flips: pixels (B, C, H, W) are mirrored; latent pairs (B, 2, C, s, s)
     give their mirror image's latents (a flipped latent is not the latent of the flipped image)."""
@@ -328,8 +338,8 @@ class EMAThresholds:
         self.active = cfg.router == "diffmoe"
         if self.active:
             self.x0, self.y = spread_batch(data, n, device)
-            self.draw = sm.draw_training(cfg, len(self.y), T, generator(args.seed, -1, device), device,
-                                         args.t_sampling)
+            g = generator(args.seed, -1, device)
+            self.draw = sm.draw_training(cfg, len(self.y), T, g, device, args.t_sampling)
             self.oracle = bool(opts and opts.oracle)
 
     def __call__(self, ema):
@@ -513,8 +523,8 @@ def train(args):
                                         no_sync=no_sync)
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            for group in opt.param_groups:                     # linear warmup, then constant
-                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
             opt.step()
             update_ema(ema, raw, args.ema)
             step += 1
@@ -614,9 +624,14 @@ def parse_args(argv=None):
     add("--lr", type=float, default=None, help=f"AdamW learning rate (recipe: {recipe('lr')})")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--t-sampling", choices=("uniform", "logit-normal"), default=None,
-        help=f"t of one-step training (pretraining, the controls; recipe: {recipe('t_sampling')})")
+        help=f"t of one-step training (pretraining, the controls; recipe: "
+        f"{recipe('t_sampling')})")
+    add("--lr-schedule", choices=("constant", "cosine"), default=None,
+        help="after the warmup: constant, or a cosine decay to 0 at --steps (recipe, pretraining "
+        f"/ --init: {recipe('lr_schedule')})")
     add("--warmup", type=int, default=None,
-        help=f"steps of linear lr warmup, 0: none (recipe, pretraining / --init: {recipe('warmup')})")
+        help=f"steps of linear lr warmup, 0: none (recipe, pretraining / --init: "
+        f"{recipe('warmup')})")
     add("--grad-clip", type=float, default=None,
         help=f"gradient-norm clipping, 0: off (recipe: {recipe('grad_clip')})")
     add("--ema", type=float, default=None,
