@@ -15,7 +15,7 @@ from PIL import Image
 import fid
 import sharpmoe as sm
 import train
-from common import UserError, save_npz, to_uint8
+from common import RECIPES, UserError, save_npz, to_uint8
 from data import (HELD_OUT, ImageFolder, data_flags, LatentFolder, Shapes, Strokes, center_crop, decode, encode, load_vae, make_datasets,
                   position_saliency)
 
@@ -235,11 +235,14 @@ def test_global_batch_not_divisible_by_world_size_is_said_once(tmp_path):
 
 
 def test_the_cpu_recipe_fills_what_the_command_line_leaves_open_and_model_flags_need_no_init():
-    pre = train.parse_args(["--recipe", "cpu", "--lr", "1e-3"])
+    cpu = RECIPES["cpu"]
+    pre = train.parse_args(["--recipe", "cpu", "--lr", "2e-3"])
     assert (pre.preset, pre.global_batch_size, pre.lr, pre.grad_clip, pre.ema, pre.steps, pre.log_every) == \
-        ("cpu", 32, 1e-3, 1.0, 0.999, 3000, 250)                # the given --lr wins
+        ("cpu", 32, 2e-3, 1.0, cpu["ema"][0], cpu["steps"][0], cpu["log_every"][0])   # the given --lr wins
+    assert (pre.warmup, pre.t_sampling, pre.builtin, pre.image_size) == (cpu["warmup"][0], "logit-normal", "glyphs", 16)
     post = train.parse_args(["--recipe", "cpu", "--init", "x.pt"])
-    assert (post.preset, post.ema, post.steps, post.trajectory_steps, post.log_every) == (None, 0.98, 150, 4, 50)
+    assert (post.preset, post.lr, post.ema, post.steps, post.trajectory_steps, post.log_every, post.warmup) == \
+        (None, cpu["lr"][1], cpu["ema"][1], cpu["steps"][1], 4, cpu["log_every"][1], 0)
     paper, paper_post = train.parse_args([]), train.parse_args(["--init", "x.pt"])
     assert (paper.preset, paper.router, paper.global_batch_size, paper.lr, paper.ema, paper.steps) == \
         ("L", "ec", 256, 1e-4, 0.9999, 500_000)
@@ -731,7 +734,7 @@ def test_compare_trains_each_budget_by_continuing_one_run_measures_three_views_a
     train.main(train_args(tmp_path / "pre", "--router", "ec", "--steps", "2"))
     train.main(train_args(tmp_path / "dense", "--router", "dense", "--steps", "2"))
     import classifier
-    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1",
+    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1", "--image-size", "32",
                                            "--ref-images", "16"]))
     argv = ["--init", str(tmp_path / "pre" / "last.pt"), "--reference", str(tmp_path / "dense" / "last.pt"),
             "--out", str(tmp_path / "cmp"), "--results", str(tmp_path / "res"), "--budgets", "2", "1", "--seeds", "0",
@@ -967,8 +970,8 @@ def test_classifier_measure_recognizes_real_images_and_sees_wrong_labels_and_noi
     but not the distance; noise loses both. fid.py --classifier prints the same numbers."""
     import classifier
     from quality import load_classifier, sample_quality
-    acc = classifier.main(classifier.parse_args(["--out", str(tmp_path), "--builtin", "shapes", "--builtin-size",
-                                                 "1500", "--epochs", "3", "--ref-images", "300"]))
+    acc = classifier.main(classifier.parse_args(["--out", str(tmp_path), "--builtin", "shapes", "--image-size", "32",
+                                                 "--builtin-size", "1500", "--epochs", "3", "--ref-images", "300"]))
     assert f"held-out accuracy {acc:.3f} on 300 images" in capsys.readouterr().out
     clf, ckpt = load_classifier(str(tmp_path / "classifier.pt"))
     held = Shapes(32, 200, start=HELD_OUT + 5000)               # neither the reference nor the floor
@@ -1212,7 +1215,7 @@ def test_sweep_trains_measures_tables_and_resumes(tmp_path, monkeypatch):
     trains and measures nothing again."""
     import classifier
     import sweep
-    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1",
+    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1", "--image-size", "32",
                                            "--ref-images", "16"]))
     monkeypatch.setattr(sweep, "SETTINGS", {"tiny": (["--preset", "tiny", "--builtin-size", "64", "--global-batch-size",
                                                       "8", "--num-workers", "0", "--probe-images", "4"], (1, 2))})
