@@ -3,7 +3,7 @@ Train the small classifier in whose features sample quality is measured at CPU s
 (quality.py): on the training split of train.py's data, with its held-out accuracy, and its
 features of two disjoint sets of held-out images, the reference and the noise floor.
 
-    python classifier.py --out runs/classifier                    # the built-in strokes
+    python classifier.py --out runs/classifier                    # the recipe's data (glyphs, 16x16)
     python fid.py runs/ec/samples/samples.npz --classifier runs/classifier/classifier.pt
 
 Writes OUT/classifier.pt (weights, classes, image size, held-out accuracy, `ref` and `floor`
