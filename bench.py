@@ -4,8 +4,11 @@ same parts), and `python bench.py --gpu`, the GPU check (under 8 minutes on one 
 GPU it says so and exits).
 
 1. One MoE layer against a dense MLP with the same activated FLOPs (full-width experts, one
-   expert per token on average), forward + backward as in training (gradients set to None
-   before each), at two sizes, as paired time ratios.
+   expert per token on average), forward + backward as train.py trains it (its default experts:
+   8 for tc and ec, 16 for diffmoe; TC's balance loss and DiffMoE's capacity-predictor BCE
+   back-propagated; gradients set to None before each), at two sizes, as paired time ratios;
+   beside them the experts' batched matmuls alone (8 and 16 experts) and the peers' designs
+   (KwaiVGI/DiffMoE's, rewritten from their description: one-hot einsum EC, gather-stack DiffMoE).
 2. Training images/s per router for the `cpu` preset (forward, backward, AdamW step).
 3. One SharpMoE post-training iteration (T steps of one trajectory) against one ordinary
    iteration at the same batch: unrolled (one backward over all T steps), stepwise with the
@@ -15,7 +18,8 @@ GPU it says so and exits).
    peak activation memory (bytes autograd holds for backward; on a GPU the peak allocated).
 4. For the L preset on the paper's latent grid: activation bytes per image, measured, and the
    per-GPU batch that T = 10 leaves in 80 GB for each path (an estimate).
-5. On a CPU, a profile of one MoE layer (forward + backward) by part, against the dense MLP.
+5. On a CPU, a profile of one MoE layer as trained (forward + backward) by part, against the
+   dense MLP.
 6. An estimate of the latent ImageNet recipe's GPU-hours per stage, from counted FLOPs and an
    assumed throughput (needs diffusers for the VAE's architecture; nothing is downloaded).
 """
@@ -142,6 +146,7 @@ def fwd_bwd(module, x, g):
 
 
 LAYERS = (("experts", "the experts' batched matmuls alone (8 experts), no routing"),
+          ("experts 16", "the same for 16 experts (DiffMoE's): half the rows per matmul"),
           ("tc", "token choice, 8 experts, its balance loss"), ("ec", "expert choice in each image, 8 experts"),
           ("ec one-hot", "the peers' EC layer: one-hot einsum dispatch, experts in a loop"),
           ("diffmoe", "DiffMoE, 16 experts, its capacity predictor's BCE back-propagated"),
@@ -153,7 +158,7 @@ def layer(name, width, device, dtype):
     """The module of a row of LAYERS at this width, in training mode."""
     router = name.split()[0]
     if router == "experts":
-        return sm.Experts(8, width, 4 * width).to(device, dtype)
+        return sm.Experts(int(name.split()[1]) if " " in name else 8, width, 4 * width).to(device, dtype)
     E = 8 if router != "diffmoe" or name == "diffmoe 8" else 16
     moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=E)).to(device, dtype).train()
     return {"ec one-hot": OneHotEC, "diffmoe gather-stack": GatherStackDiffMoE}.get(name, lambda m: m)(moe)
@@ -171,9 +176,9 @@ def layer_ratios(device, reps, sizes=((256, 32, 64), (512, 16, 256)), dtype=torc
             if names and name not in names:
                 continue
             module = layer(name, width, device, dtype)
-            if name == "experts":
-                xe = x.detach().view(8, -1, width).requires_grad_()
-                out[width, name] = paired_ratio(fwd_bwd(module, xe, g.view(8, -1, width)), dense, reps)
+            if name.startswith("experts"):
+                xe = x.detach().view(module.w1.shape[0], -1, width).requires_grad_()
+                out[width, name] = paired_ratio(fwd_bwd(module, xe, g.view(module.w1.shape[0], -1, width)), dense, reps)
             else:
                 out[width, name] = paired_ratio(fwd_bwd(module, x, g), dense, reps)
     return out
@@ -295,15 +300,15 @@ PARTS = {"router (linear, softmax)": ("router mm", "aten::_softmax", "aten::_sof
          "scatter": ("aten::index_add_", "aten::scatter_add_")}
 
 
-def profile_layer(device, reps=10, width=512, B=16, N=256, E=8):
+def profile_layer(device, reps=10, width=512, B=16, N=256):
     """Self CPU time of one layer's forward + backward, by part, in % of that layer's total. (Shares:
     absolute times of separately profiled layers wander with the machine; part 1 gives the ratios.)"""
     from torch.profiler import ProfilerActivity, profile
-    print(f"\n5. Profile, forward + backward at width {width}, {B * N} tokens, {E} experts: self CPU time by part, "
-          "% of each layer's total")
+    print(f"\n5. Profile, forward + backward as trained (part 1's rows tc, ec, diffmoe: 8, 8 and 16 experts, the "
+          f"aux losses back-propagated) at width {width}, {B * N} tokens: self CPU time by part, % of each layer's total")
     x, g = torch.randn(B, N, width, device=device, requires_grad=True), torch.randn(B, N, width, device=device)
 
-    def parts(fn):
+    def parts(fn, E=0):
         fn()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(reps):
@@ -321,8 +326,8 @@ def profile_layer(device, reps=10, width=512, B=16, N=256, E=8):
         return out
     rows = {"dense": parts(fwd_bwd(sm.MLP(width, 4 * width).to(device), x, g))}
     for router in ("tc", "ec", "diffmoe"):
-        moe = sm.MoE(sm.Config(width=width, heads=4, router=router, num_experts=E)).to(device).train()
-        rows[router] = parts(fwd_bwd(moe, x, g))
+        moe = sm.MoE(sm.Config(width=width, heads=4, router=router)).to(device).train()   # its default experts
+        rows[router] = parts(fwd_bwd(moe, x, g), moe.E)
     print(f"{'part':>48} " + " ".join(f"{r:>8}" for r in rows))
     for part in rows["ec"]:
         print(f"{part:>48} " + " ".join(f"{100 * rows[r][part] / sum(rows[r].values()):>7.1f}%" for r in rows))
