@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import sharpmoe as sm
-from common import HelpFormatter
+from common import RECIPES, HelpFormatter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -212,12 +212,17 @@ def ordinary_backward(model, cfg, x, y):
     sm.forward_backward(model, cfg, x, y, sm.draw_training(cfg, x.shape[0], device=x.device))
 
 
+CPU_IMAGE = RECIPES["cpu"]["image_size"]                    # the cpu recipe's images (16x16: 64 tokens)
+
+
 def throughput(device, batch, reps):
-    print(f"\n2. Training throughput, preset cpu (32x32, 64 tokens), batch {batch}")
+    size = CPU_IMAGE
+    print(f"\n2. Training throughput, the cpu recipe (preset cpu, {size}x{size}: "
+          f"{(size // sm.PRESETS['cpu']['patch_size']) ** 2} tokens), batch {batch}")
     print(f"{'router':>8} {'params':>8} {'img/s':>8}")
-    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(0, 10, (batch,), device=device)
     for router in sm.ROUTERS:
-        cfg = sm.make_config("cpu", router=router, num_classes=10)
+        cfg = sm.make_config("cpu", router=router, num_classes=10, image_size=size)
         model = sm.DiT(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         t = timeit(lambda: train_step(model, cfg, x, y, opt), reps)
@@ -249,7 +254,7 @@ POST_PATHS = (("unrolled", "trajectory", False), ("stepwise, trajectory KL", "tr
               ("stepwise, per-step KL", "step", True))
 
 
-def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 32), bf16=None):
+def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, CPU_IMAGE), bf16=None):
     """Per T: the ordinary iteration (ms, activation MB) and, per path, time / ordinary and
     memory / ordinary. On a GPU also the peak allocated memory (MB) of each. bf16: train_step's."""
     ch, size = image
@@ -275,7 +280,8 @@ def post_training_cost(device, batch, reps, preset="cpu", Ts=(4, 10), image=(3, 
 
 
 def print_post_training_cost(device, batch, reps):
-    print(f"\n3. One SharpMoE post-training iteration over one ordinary iteration (preset cpu, ec, batch {batch}); "
+    print(f"\n3. One SharpMoE post-training iteration over one ordinary iteration (the cpu recipe: preset cpu, "
+          f"{CPU_IMAGE}x{CPU_IMAGE}, ec, batch {batch}); "
           "memory: peak bytes held for backward. The floor: 1.00 T, and 1.33 T for the trajectory KL stepwise")
     rows = post_training_cost(device, batch, reps)
     print(f"    ordinary iteration: {rows['ordinary ms']:.1f} ms, {rows['ordinary MB']:.1f} MB of activations")
