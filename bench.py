@@ -73,12 +73,25 @@ def paired_ratio(fn, ref, reps):
 # stacks per-expert outputs, scatters them into an (E * tokens, D) buffer and updates the
 # thresholds expert by expert.
 
+def per_expert_weights(experts):
+    """Each expert's own (w1, b1, w2, b2) Parameters, copied from sm.Experts' stacked ones, as the
+    peers keep one Linear pair per expert (slicing one stacked Parameter in a Python loop would
+    charge every expert's backward a zero-filled gradient of all E experts)."""
+    return torch.nn.ParameterList([torch.nn.Parameter(p[e].detach().clone()) for e in range(experts.w1.shape[0])
+                                   for p in (experts.w1, experts.b1, experts.w2, experts.b2)])
+
+
+def by_expert(weights):
+    """per_expert_weights' list as one (w1, b1, w2, b2) tuple per expert."""
+    return [tuple(weights[i:i + 4]) for i in range(0, len(weights), 4)]
+
+
 class OneHotEC(torch.nn.Module):
     """EC-DiT with one-hot einsum dispatch and combine, the experts in a loop."""
 
     def __init__(self, moe):
         super().__init__()
-        self.moe = moe
+        self.moe, self.per_expert = moe, per_expert_weights(moe.experts)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -88,9 +101,8 @@ class OneHotEC(torch.nn.Module):
         top = gates.topk(C, dim=1)                             # (B, C, E) per expert's top tokens
         onehot = F.one_hot(top.indices.transpose(1, 2), N).to(x.dtype)   # (B, E, C, N)
         xe = torch.einsum("becn,bnd->becd", onehot, x)         # dispatch
-        w1, b1, w2, b2 = m.experts.w1, m.experts.b1, m.experts.w2, m.experts.b2
-        ye = torch.stack([F.gelu(xi @ w1[e] + b1[e]) @ w2[e] + b2[e]            # (B, E, C, D)
-                          for e, xi in enumerate(xe.unbind(1))], 1)
+        ye = torch.stack([F.gelu(xi @ w1 + b1) @ w2 + b2                      # (B, E, C, D)
+                          for (w1, b1, w2, b2), xi in zip(by_expert(self.per_expert), xe.unbind(1))], 1)
         combine = onehot * top.values.transpose(1, 2).unsqueeze(-1)      # (B, E, C, N) gate-weighted
         return torch.einsum("becn,becd->bnd", combine, ye), x.new_zeros(())
 
@@ -101,7 +113,7 @@ class GatherStackDiffMoE(torch.nn.Module):
 
     def __init__(self, moe):
         super().__init__()
-        self.moe = moe
+        self.moe, self.per_expert = moe, per_expert_weights(moe.experts)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -110,8 +122,7 @@ class GatherStackDiffMoE(torch.nn.Module):
         gates = m.pre_router(flat).softmax(-1)                 # (B*N, E)
         C = B * N * m.k // m.E
         idx = gates.t().topk(C, dim=1).indices                 # (E, C)
-        w1, b1, w2, b2 = m.experts.w1, m.experts.b1, m.experts.w2, m.experts.b2
-        outs = [F.gelu(flat[idx[e]] @ w1[e] + b1[e]) @ w2[e] + b2[e] for e in range(m.E)]
+        outs = [F.gelu(flat[idx[e]] @ w1 + b1) @ w2 + b2 for e, (w1, b1, w2, b2) in enumerate(by_expert(self.per_expert))]
         y = torch.stack(outs) * gates.t().gather(1, idx).unsqueeze(-1)   # (E, C, D)
         buf = flat.new_zeros(m.E * B * N, D)
         rows = (idx + torch.arange(m.E, device=x.device)[:, None] * B * N).flatten()
