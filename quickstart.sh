@@ -14,7 +14,7 @@ if [ -z "${OMP_NUM_THREADS:-}" ] && awk "BEGIN {exit !($load > 0.5 * $(nproc))}"
   echo "note: load average $load on $(nproc) cores; if this runs slowly, rerun with OMP_NUM_THREADS=1"
 fi
 
-# 1. pretraining: 9000 steps of the cpu recipe (2.6M parameters, 8 experts in every other block)
+# 1. pretraining: 12000 steps of the cpu recipe (2.6M parameters, 8 experts in every other block)
 resume=(); [ -f $OUT/pretrain/last.pt ] && resume=(--resume $OUT/pretrain/last.pt)
 python train.py --recipe cpu --router ec --out $OUT/pretrain "${resume[@]}"
 
@@ -27,7 +27,9 @@ python compare.py --init $OUT/pretrain/last.pt --out $OUT --results $OUT/results
 
 # 3. grids (50 Euler steps; the paper's 250 are sample.py's default), each tile marked green when
 #    the classifier recognizes its class, and the routing report along each run's own rollout
-python sample.py --ckpt $OUT/pretrain/last.pt --sample-steps 50 --grid 40 --classifier $OUT/classifier/classifier.pt
+#    (control: control-steps at 150 steps)
+python sample.py --ckpt $OUT/pretrain/last.pt --weights model --sample-steps 50 --grid 40 \
+    --classifier $OUT/classifier/classifier.pt                  # (the weights compare.py measures)
 for run in paper count control; do
   python sample.py --ckpt $OUT/ec/seed0/$run/step150.pt --weights model --sample-steps 50 --grid 40 \
       --classifier $OUT/classifier/classifier.pt --report rollout

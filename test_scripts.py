@@ -1215,8 +1215,8 @@ def test_sweep_trains_measures_tables_and_resumes(tmp_path, monkeypatch):
     trains and measures nothing again."""
     import classifier
     import sweep
-    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1", "--image-size", "32",
-                                           "--ref-images", "16"]))
+    classifier.main(classifier.parse_args(["--out", str(tmp_path / "clf"), "--builtin-size", "256", "--epochs", "1",
+                                           "--ref-images", "16"]))              # the recipe's 16x16, as the sweep's runs
     monkeypatch.setattr(sweep, "SETTINGS", {"tiny": (["--preset", "tiny", "--builtin-size", "64", "--global-batch-size",
                                                       "8", "--num-workers", "0", "--probe-images", "4"], (1, 2))})
     argv = ["--settings", "tiny", "--out", str(tmp_path / "sw"), "--results", str(tmp_path / "res"), "--samples", "4",
