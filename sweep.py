@@ -125,7 +125,8 @@ def table(rows, args):
     lines = ["# The CPU recipe sweep", "",
              f"Made by `python sweep.py --settings {' '.join(dict.fromkeys(r[0] for r in rows))} --routers "
              f"{' '.join(dict.fromkeys(r[2] for r in rows))}` (train.py --recipe cpu plus each setting's flags; "
-             "pretraining; a row exists where that run was measured). Quality of the EMA weights: {args.samples} samples (labels i % 10), {args.sample_steps} "
+             "pretraining; a row exists where that run was measured). "
+             f"Quality of the EMA weights: {args.samples} samples (labels i % 10), {args.sample_steps} "
              "Euler steps; accuracy = the share the setting's classifier (classifier.py, trained on that data) "
              "recognizes as their label; FD = Fréchet distance in its features to 5000 held-out images; floor = "
              "the same for as many other real images. Loss: train.py's logged loss_fm at that step.", "",

@@ -1225,7 +1225,7 @@ def test_sweep_trains_measures_tables_and_resumes(tmp_path, monkeypatch):
     table = (tmp_path / "res" / "sweep.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[4].strip() for r in rows] == ["1", "2"]          # one run, measured at steps 1 and 2
-    assert "Made by `python sweep.py --settings tiny --routers ec`" in table    # what made its rows
+    assert "Made by `python sweep.py --settings tiny --routers ec`" in table and "4 samples" in table   # what made it
     assert torch.load(tmp_path / "sw" / "tiny" / "ec" / "step2.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "res" / "sweep" / "tiny-ec-2.png").exists()
     monkeypatch.setattr(sweep.subprocess, "Popen", lambda *a, **k: pytest.fail("trained again"))
