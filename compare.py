@@ -13,9 +13,9 @@ For each base (--init), seed and post-training budget B (--budgets), with train.
                     paper's ablation, and its whole method for TC, whose counts are all equal)
   paper             SharpMoE, the paper's loss: gate mass, one KL on the trajectory sum, lambda 0.001
   count             SharpMoE, ours: soft-count mass, one KL per step, M less the data's mean
-                    saliency per position, lambda 0.01 (the best of the --sweep on EC at 150 steps: the
-                    highest correlation beyond position over all steps, noised view, within 5% of
-                    control-compute's held-out loss)
+                    saliency per position, lambda 0.01 (the best of the --sweep on EC at 150 steps on
+                    the strokes-era recipe, results/archive/: the highest correlation beyond position
+                    over all steps, noised view, within 5% of control-compute's held-out loss)
   count-oracle      `count` with R_sal given the true x0 in training and measurement: what R_sal can
                     learn to route by at this budget, the bound for x0_hat (not a method)
   count-nopos       `count` with R_sal reading x0_hat without the position embedding (budgets <= 600)
