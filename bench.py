@@ -122,7 +122,8 @@ class GatherStackDiffMoE(torch.nn.Module):
         gates = m.pre_router(flat).softmax(-1)                 # (B*N, E)
         C = B * N * m.k // m.E
         idx = gates.t().topk(C, dim=1).indices                 # (E, C)
-        outs = [F.gelu(flat[idx[e]] @ w1 + b1) @ w2 + b2 for e, (w1, b1, w2, b2) in enumerate(by_expert(self.per_expert))]
+        outs = [F.gelu(flat[idx[e]] @ w1 + b1) @ w2 + b2
+                for e, (w1, b1, w2, b2) in enumerate(by_expert(self.per_expert))]
         y = torch.stack(outs) * gates.t().gather(1, idx).unsqueeze(-1)   # (E, C, D)
         buf = flat.new_zeros(m.E * B * N, D)
         rows = (idx + torch.arange(m.E, device=x.device)[:, None] * B * N).flatten()

@@ -224,8 +224,8 @@ def setup_distributed():
 # "cpu", ours, chosen by sweep.py (results/sweep.md): a 2.6M-parameter model on 16x16 glyphs (64
 # tokens) whose samples the classifier recognizes at 86% after 12000 steps (about 35 minutes on 2
 # idle cores; 9000 steps: 73%); lr 1e-3 with warmup and logit-normal t because the paper's lr 1e-4
-# and uniform t learn too slowly at this size; EMA 0.98 after --init because a 0.999 average would
-# barely move in 150 steps.
+# and uniform t learned more slowly at this size in our prototype runs (sweep.py's uniform-t setting
+# measures the latter); EMA 0.98 after --init because a 0.999 average would barely move in 150 steps.
 RECIPES = {
     "paper": dict(preset="L", global_batch_size=256, lr=1e-4, grad_clip=0.0, ema=0.9999, trajectory_steps=10,
                   steps=(500_000, 100_000), log_every=100, ckpt_every=5000, probe_every=5000, warmup=0,
